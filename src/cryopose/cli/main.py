@@ -1,0 +1,27 @@
+"""The ``cryopose`` console script: registers one command per module in this package."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="cryopose",
+    help="Particle orientations (poses) with uncertainty for cryo-EM and cryo-ET.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Imported here so `cryopose --help` stays fast and each command owns its module.
+    from cryopose.cli import compare
+
+    app.command("compare")(compare.compare)
+
+
+_register()
+
+
+if __name__ == "__main__":
+    app()

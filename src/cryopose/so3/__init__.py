@@ -1,0 +1,50 @@
+"""Rotations, grids, distributions, point groups and alignment on SO(3).
+
+Every function is batched over any leading shape and works on CPU and CUDA tensors in float32
+and float64. Rotation matrices follow the cryopose convention ``R = A.T`` (``A`` is RELION's
+``Euler_angles2matrix``); see ``docs/conventions.md``.
+"""
+
+from cryopose.so3.conversions import (
+    axis_angle_to_matrix,
+    cryosparc_pose_to_matrix,
+    euler_to_matrix,
+    matrix_to_cryosparc_pose,
+    matrix_to_euler,
+    matrix_to_quaternion,
+    matrix_to_relion_matrix,
+    matrix_to_rotvec,
+    quaternion_to_matrix,
+    relion_matrix_to_matrix,
+    rotvec_to_matrix,
+)
+from cryopose.so3.distances import (
+    chordal_distance,
+    chordal_from_geodesic,
+    geodesic_distance,
+    pairwise_geodesic_blocks,
+    pairwise_geodesic_distance,
+    quaternion_geodesic_distance,
+)
+from cryopose.so3.procrustes import project_to_so3
+
+__all__ = [
+    "axis_angle_to_matrix",
+    "cryosparc_pose_to_matrix",
+    "euler_to_matrix",
+    "matrix_to_cryosparc_pose",
+    "matrix_to_euler",
+    "matrix_to_quaternion",
+    "matrix_to_relion_matrix",
+    "matrix_to_rotvec",
+    "quaternion_to_matrix",
+    "relion_matrix_to_matrix",
+    "rotvec_to_matrix",
+    "chordal_distance",
+    "chordal_from_geodesic",
+    "geodesic_distance",
+    "pairwise_geodesic_blocks",
+    "pairwise_geodesic_distance",
+    "quaternion_geodesic_distance",
+    "project_to_so3",
+]
