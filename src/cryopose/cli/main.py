@@ -15,9 +15,13 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so `cryopose --help` stays fast and each command owns its module.
-    from cryopose.cli import compare
+    from cryopose.cli import compare, convert, demo, info, simulate
 
+    app.command("demo")(demo.demo)
+    app.command("simulate")(simulate.simulate)
     app.command("compare")(compare.compare)
+    app.command("info")(info.info)
+    app.command("convert")(convert.convert)
 
 
 _register()

@@ -26,7 +26,30 @@ from cryopose.so3.distances import (
     pairwise_geodesic_distance,
     quaternion_geodesic_distance,
 )
+from cryopose.so3.distributions import (
+    CLOSED_FORM_MAX_ETA,
+    haar_angle_cdf,
+    haar_angle_density,
+    iso_gaussian_angle_cdf,
+    iso_gaussian_angle_density,
+    iso_gaussian_angle_log_density,
+    iso_gaussian_angle_std,
+    iso_gaussian_log_density,
+    iso_gaussian_log_kernel,
+    sample_iso_gaussian,
+    smoothed_histogram,
+    uniform_log_density,
+)
+from cryopose.so3.grids import (
+    LocalGridOffsets,
+    SO3Grid,
+    covering_radius,
+    healpix_grid,
+    local_grid,
+    local_grid_offsets,
+)
 from cryopose.so3.procrustes import project_to_so3
+from cryopose.so3.random import random_rotations, random_unit_vectors, resolve_generator
 
 __all__ = [
     "axis_angle_to_matrix",
@@ -47,4 +70,25 @@ __all__ = [
     "pairwise_geodesic_distance",
     "quaternion_geodesic_distance",
     "project_to_so3",
+    "CLOSED_FORM_MAX_ETA",
+    "haar_angle_cdf",
+    "haar_angle_density",
+    "iso_gaussian_angle_cdf",
+    "iso_gaussian_angle_density",
+    "iso_gaussian_angle_log_density",
+    "iso_gaussian_angle_std",
+    "iso_gaussian_log_density",
+    "iso_gaussian_log_kernel",
+    "sample_iso_gaussian",
+    "smoothed_histogram",
+    "uniform_log_density",
+    "LocalGridOffsets",
+    "SO3Grid",
+    "covering_radius",
+    "healpix_grid",
+    "local_grid",
+    "local_grid_offsets",
+    "random_rotations",
+    "random_unit_vectors",
+    "resolve_generator",
 ]

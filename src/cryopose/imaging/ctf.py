@@ -1,0 +1,176 @@
+"""RELION's contrast transfer function (sign, units and astigmatism convention).
+
+For spatial frequency ``k = (kx, ky)`` in 1/Angstrom, ``phi = atan2(ky, kx)``::
+
+    lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))           (V in volts, lambda in A)
+    defocus(phi) = -[(U + V)/2 + (U - V)/2 cos(2 (phi - alpha))]  (U, V in A, > 0 underfocus)
+    chi = pi lambda defocus |k|^2 + pi/2 Cs lambda^3 |k|^4 - phase_shift - atan(w / sqrt(1 - w^2))
+    CTF = -sin(chi) exp(-B |k|^2 / 4)
+
+with ``Cs`` in Angstrom (mm * 1e7), ``w`` the amplitude contrast and ``alpha`` the defocus
+angle (``rlnDefocusAngle``, degrees from the x axis), so ``CTF(0) = +w`` and the first lobe is
+positive for underfocus; defocus ``U`` applies along the direction at angle ``alpha`` from x.
+
+Our own implementation (torch-ctf 0.6 agrees with this formula to ~1e-3 but always returns
+float32, so it is not used).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cryopose.imaging.fft import frequency_grid_2d, irfft2_centred, rfft2_centred
+
+__all__ = ["electron_wavelength_angstrom", "ctf_2d", "apply_ctf"]
+
+_Number = float | torch.Tensor
+
+
+def electron_wavelength_angstrom(voltage_kv: _Number) -> torch.Tensor | float:
+    """Relativistic electron wavelength in Angstrom for an acceleration voltage in kV."""
+    volts = voltage_kv * 1e3
+    if isinstance(volts, torch.Tensor):
+        return 12.2643247 / torch.sqrt(volts * (1.0 + 0.978466e-6 * volts))
+    return 12.2643247 / math.sqrt(volts * (1.0 + 0.978466e-6 * volts))
+
+
+def _as_tensor(value: _Number, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: expected finite values")
+    return t
+
+
+def ctf_2d(
+    *,
+    defocus_u_angstrom: _Number,
+    defocus_v_angstrom: _Number,
+    defocus_angle_deg: _Number,
+    voltage_kv: _Number,
+    cs_mm: _Number,
+    amplitude_contrast: _Number,
+    pixel_size_angstrom: float,
+    box: int,
+    phase_shift_deg: _Number = 0.0,
+    bfactor: _Number = 0.0,
+    rfft: bool = True,
+    centred: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """RELION's CTF on the DFT grid of ``box x box`` images, batched over particles.
+
+    Every physical parameter may be a float or a tensor; tensors broadcast against each other
+    and give the leading batch shape.
+
+    Parameters
+    ----------
+    defocus_u_angstrom, defocus_v_angstrom : float or torch.Tensor
+        ``rlnDefocusU``/``rlnDefocusV`` in Angstrom (positive = underfocus).
+    defocus_angle_deg : float or torch.Tensor
+        ``rlnDefocusAngle`` in degrees: direction of ``U`` measured from the x axis
+        (counter-clockwise towards +y).
+    voltage_kv : float or torch.Tensor
+        Acceleration voltage in kV.
+    cs_mm : float or torch.Tensor
+        Spherical aberration in mm.
+    amplitude_contrast : float or torch.Tensor
+        Fraction in [0, 1).
+    pixel_size_angstrom : float
+        Pixel size in Angstrom.
+    box : int
+        Image side in pixels.
+    phase_shift_deg : float or torch.Tensor
+        Additional phase shift (phase plate) in degrees.
+    bfactor : float or torch.Tensor
+        Envelope B-factor in Angstrom^2 (``exp(-B k^2 / 4)``).
+    rfft : bool
+        Half-plane ``[..., box, box // 2 + 1]`` (True) or full ``[..., box, box]`` layout.
+    centred : bool
+        Zero frequency at row (and column, full layout) ``box // 2``; matches
+        :func:`cryopose.imaging.fft.rfft2_centred`. False gives torch's native order.
+    dtype, device
+        Output dtype/device; by default those of the first tensor argument, else torch's
+        default dtype on CPU.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., box, box // 2 + 1]`` (or ``[..., box, box]``) real CTF values.
+    """
+    params = {
+        "defocus_u_angstrom": defocus_u_angstrom,
+        "defocus_v_angstrom": defocus_v_angstrom,
+        "defocus_angle_deg": defocus_angle_deg,
+        "voltage_kv": voltage_kv,
+        "cs_mm": cs_mm,
+        "amplitude_contrast": amplitude_contrast,
+        "phase_shift_deg": phase_shift_deg,
+        "bfactor": bfactor,
+    }
+    tensors = [v for v in params.values() if isinstance(v, torch.Tensor)]
+    if dtype is None:
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        dtype = floats[0] if floats else torch.get_default_dtype()
+    if device is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+    if not (isinstance(box, int) and box > 0):
+        raise ValueError(f"box: expected a positive int, got {box!r}")
+    if not pixel_size_angstrom > 0:
+        raise ValueError(f"pixel_size_angstrom: expected > 0, got {pixel_size_angstrom}")
+    p = {k: _as_tensor(v, k, dtype, device) for k, v in params.items()}
+    w = p["amplitude_contrast"]
+    if ((w < 0) | (w >= 1)).any():
+        raise ValueError("amplitude_contrast: expected values in [0, 1)")
+    if (p["voltage_kv"] <= 0).any():
+        raise ValueError("voltage_kv: expected > 0")
+
+    ky, kx = frequency_grid_2d(
+        box, pixel_size_angstrom, rfft=rfft, centred=centred, dtype=dtype, device=device
+    )
+    k2 = kx**2 + ky**2
+    phi = torch.atan2(ky, kx)
+
+    def col(t: torch.Tensor) -> torch.Tensor:  # broadcast a batch parameter over the grid
+        return t[..., None, None]
+
+    lam = electron_wavelength_angstrom(p["voltage_kv"])
+    u, v = p["defocus_u_angstrom"], p["defocus_v_angstrom"]
+    alpha = torch.deg2rad(p["defocus_angle_deg"])
+    defocus = -(col((u + v) / 2) + col((u - v) / 2) * torch.cos(2 * (phi - col(alpha))))
+    cs = p["cs_mm"] * 1e7
+    amp_phase = torch.atan(w / torch.sqrt(1 - w**2))
+    chi = (
+        math.pi * col(lam) * defocus * k2
+        + (math.pi / 2) * col(cs * lam**3) * k2**2
+        - col(torch.deg2rad(p["phase_shift_deg"]))
+        - col(amp_phase)
+    )
+    return -torch.sin(chi) * torch.exp(-col(p["bfactor"]) * k2 / 4)
+
+
+def apply_ctf(images: torch.Tensor, ctf_rfft_centred: torch.Tensor) -> torch.Tensor:
+    """Multiply real ``[..., N, N]`` images by a CTF in Fourier space.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``[..., N, N]`` real images.
+    ctf_rfft_centred : torch.Tensor
+        ``[..., N, N // 2 + 1]`` CTF from :func:`ctf_2d` with ``rfft=True, centred=True``
+        (broadcast against the images' batch shape).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., N, N]`` real images ``irfft(rfft(images) * ctf)``.
+    """
+    box = int(images.shape[-1])
+    if ctf_rfft_centred.shape[-2:] != (box, box // 2 + 1):
+        raise ValueError(
+            f"ctf_rfft_centred: expected [..., {box}, {box // 2 + 1}], "
+            f"got {tuple(ctf_rfft_centred.shape)}"
+        )
+    return irfft2_centred(rfft2_centred(images) * ctf_rfft_centred, box)
