@@ -68,7 +68,11 @@ def test_alignment_removes_global_rotation_and_hand():
 def write(path, rotations, origins=None, names=True):
     n = rotations.shape[0]
     table = make_particle_table(
-        path.parent / "particles.mrcs", n, pixel_size_angstrom=2.0, box=64, rotations=rotations,
+        path.parent / "particles.mrcs",
+        n,
+        pixel_size_angstrom=2.0,
+        box=64,
+        rotations=rotations,
         origins_angstrom=origins,
     )
     if not names:
@@ -88,20 +92,32 @@ def test_cli_json_join_by_image_name(tmp_path):
     order = torch.randperm(300, generator=torch.Generator().manual_seed(8))[:200].numpy()
     est_table.data = est_table.data.iloc[order].reset_index(drop=True)
     write_star(est_table, tmp_path / "est.star")
-    result = runner.invoke(app, ["compare", str(tmp_path / "est.star"), str(tmp_path / "truth.star"),
-                                 "--json"])
+    result = runner.invoke(
+        app, ["compare", str(tmp_path / "est.star"), str(tmp_path / "truth.star"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert set(figures) == {
-        "n", "mean_deg", "median_deg", "p90_deg", "max_deg", "frac_lt_5deg", "frac_lt_10deg",
-        "chordal_mse", "shift_rmse_angstrom", "align_rotation_deg", "hand_flipped",
+        "n",
+        "mean_deg",
+        "median_deg",
+        "p90_deg",
+        "max_deg",
+        "frac_lt_5deg",
+        "frac_lt_10deg",
+        "chordal_mse",
+        "shift_rmse_angstrom",
+        "align_rotation_deg",
+        "hand_flipped",
     }
     assert figures["n"] == 200
     assert figures["mean_deg"] == pytest.approx(3.0, abs=1e-6)
     assert figures["frac_lt_5deg"] == 1.0
     assert figures["shift_rmse_angstrom"] == pytest.approx(5.0, abs=1e-9)
     assert figures["align_rotation_deg"] == 0.0 and figures["hand_flipped"] is False
-    table = runner.invoke(app, ["compare", str(tmp_path / "est.star"), str(tmp_path / "truth.star")])
+    table = runner.invoke(
+        app, ["compare", str(tmp_path / "est.star"), str(tmp_path / "truth.star")]
+    )
     assert table.exit_code == 0 and "median error" in table.stdout
 
 
@@ -109,8 +125,9 @@ def test_cli_row_order_fallback_warns(tmp_path):
     truth = haar(50, 9)
     write(tmp_path / "truth.star", truth, names=False)
     write(tmp_path / "est.star", truth, names=False)
-    result = runner.invoke(app, ["compare", str(tmp_path / "est.star"), str(tmp_path / "truth.star"),
-                                 "--json"])
+    result = runner.invoke(
+        app, ["compare", str(tmp_path / "est.star"), str(tmp_path / "truth.star"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert "row order" in result.stderr
     assert json.loads(result.stdout)["max_deg"] < 1e-6
@@ -119,19 +136,33 @@ def test_cli_row_order_fallback_warns(tmp_path):
 def test_cli_bad_input(tmp_path):
     truth = haar(10, 10)
     write(tmp_path / "truth.star", truth)
-    missing = runner.invoke(app, ["compare", str(tmp_path / "nope.star"), str(tmp_path / "truth.star")])
+    missing = runner.invoke(
+        app, ["compare", str(tmp_path / "nope.star"), str(tmp_path / "truth.star")]
+    )
     assert missing.exit_code == 1 and "nope.star" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     no_angles = write(tmp_path / "noangles.star", truth)
     no_angles.data = no_angles.data.drop(columns=["rlnAngleTilt"])
     write_star(no_angles, tmp_path / "noangles.star")
-    res = runner.invoke(app, ["compare", str(tmp_path / "noangles.star"), str(tmp_path / "truth.star")])
+    res = runner.invoke(
+        app, ["compare", str(tmp_path / "noangles.star"), str(tmp_path / "truth.star")]
+    )
     assert res.exit_code == 1 and "rlnAngleTilt" in res.stderr
     other = write(tmp_path / "other.star", truth)
     other.data["rlnImageName"] = [f"{i}@elsewhere.mrcs" for i in range(1, 11)]
     write_star(other, tmp_path / "other.star")
-    res = runner.invoke(app, ["compare", str(tmp_path / "other.star"), str(tmp_path / "truth.star")])
+    res = runner.invoke(
+        app, ["compare", str(tmp_path / "other.star"), str(tmp_path / "truth.star")]
+    )
     assert res.exit_code == 1 and "no rlnImageName in common" in res.stderr
-    res = runner.invoke(app, ["compare", str(tmp_path / "truth.star"), str(tmp_path / "truth.star"),
-                              "--align", "sideways"])
+    res = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tmp_path / "truth.star"),
+            str(tmp_path / "truth.star"),
+            "--align",
+            "sideways",
+        ],
+    )
     assert res.exit_code == 1 and "--align" in res.stderr

@@ -40,7 +40,12 @@ def digest(folder: Path) -> dict[str, str]:
 
 def run(tmp: Path, name: str, **overrides) -> tuple[Path, object]:
     config = SimulationConfig(
-        n=120, box=BOX, pixel_size_angstrom=PX, snr=0.2, max_shift_angstrom=12.0, seed=5,
+        n=120,
+        box=BOX,
+        pixel_size_angstrom=PX,
+        snr=0.2,
+        max_shift_angstrom=12.0,
+        seed=5,
         chunk_size=50,
     )
     for key, value in overrides.items():
@@ -84,9 +89,14 @@ def test_star_metadata_reproduces_the_images(tmp_path):
     ctf = table.ctf_params(dtype=torch.float32)
     slices = Projector(ref.data).slices(table.rotations(dtype=torch.float32))
     slices = slices * ctf_2d(
-        defocus_u_angstrom=ctf["defocus_u_angstrom"], defocus_v_angstrom=ctf["defocus_v_angstrom"],
-        defocus_angle_deg=ctf["defocus_angle_deg"], voltage_kv=300.0, cs_mm=2.7,
-        amplitude_contrast=0.1, pixel_size_angstrom=PX, box=BOX,
+        defocus_u_angstrom=ctf["defocus_u_angstrom"],
+        defocus_v_angstrom=ctf["defocus_v_angstrom"],
+        defocus_angle_deg=ctf["defocus_angle_deg"],
+        voltage_kv=300.0,
+        cs_mm=2.7,
+        amplitude_contrast=0.1,
+        pixel_size_angstrom=PX,
+        box=BOX,
     )
     origin = table.origins_angstrom(dtype=torch.float32)
     assert origin.norm(dim=-1).max() <= 12.0 + 1e-4 and origin.abs().max() > 3.0
@@ -133,15 +143,45 @@ def test_cli_simulate_model_and_errors(tmp_path):
     model = require(MODELS / "1ake.pdb.gz")
     runner = CliRunner()
     out = tmp_path / "cli"
-    args = ["simulate", "-o", str(out), "--model", str(model), "--n", "20", "--box", "33",
-            "--pixel-size", "2.5", "--snr", "inf", "--no-ctf", "--seed", "1"]
+    args = [
+        "simulate",
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--n",
+        "20",
+        "--box",
+        "33",
+        "--pixel-size",
+        "2.5",
+        "--snr",
+        "inf",
+        "--no-ctf",
+        "--seed",
+        "1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     with ParticleStack(out / "particles.mrcs") as s:
         assert len(s) == 20 and s.box == 33
     bad = runner.invoke(app, ["simulate", "-o", str(tmp_path / "bad"), "--snr", "-1"])
     assert bad.exit_code == 1 and "--snr" in bad.output
-    bad = runner.invoke(app, ["simulate", "-o", str(tmp_path / "bad2"), "--defocus-min", "3",
-                              "--defocus-max", "1", "--n", "2", "--box", "16"])
+    bad = runner.invoke(
+        app,
+        [
+            "simulate",
+            "-o",
+            str(tmp_path / "bad2"),
+            "--defocus-min",
+            "3",
+            "--defocus-max",
+            "1",
+            "--n",
+            "2",
+            "--box",
+            "16",
+        ],
+    )
     assert bad.exit_code == 1 and "--defocus-min" in bad.output
     assert not (tmp_path / "bad2" / "particles.mrcs").exists()

@@ -14,7 +14,7 @@ from cryopose import so3
 
 
 def relion_euler_angles2matrix(rot: float, tilt: float, psi: float) -> np.ndarray:
-    """RELION's Euler_angles2matrix (src/euler.cpp), written element by element from its definition."""
+    """RELION's Euler_angles2matrix (src/euler.cpp), element by element from its definition."""
     a, b, g = np.radians([rot, tilt, psi])
     ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
@@ -59,10 +59,14 @@ def test_scipy_intrinsic_zyz_is_our_matrix():
 def test_known_matrices():
     # rot = 90: Rz(90) takes x to y
     r = so3.euler_to_matrix(torch.tensor([90.0, 0.0, 0.0], dtype=torch.float64))
-    np.testing.assert_allclose(r @ torch.tensor([1.0, 0, 0], dtype=torch.float64), [0, 1, 0], atol=1e-15)
+    np.testing.assert_allclose(
+        r @ torch.tensor([1.0, 0, 0], dtype=torch.float64), [0, 1, 0], atol=1e-15
+    )
     # tilt = 90: Ry(90) takes z to x
     r = so3.euler_to_matrix(torch.tensor([0.0, 90.0, 0.0], dtype=torch.float64))
-    np.testing.assert_allclose(r @ torch.tensor([0.0, 0, 1], dtype=torch.float64), [1, 0, 0], atol=1e-15)
+    np.testing.assert_allclose(
+        r @ torch.tensor([0.0, 0, 1], dtype=torch.float64), [1, 0, 0], atol=1e-15
+    )
 
 
 def test_euler_round_trip(dtype):
@@ -87,7 +91,9 @@ def test_euler_round_trip(dtype):
 
 @pytest.mark.parametrize("shape", [(), (7,), (2, 3, 4)])
 def test_batched_shapes(shape):
-    angles = torch.zeros(*shape, 3, dtype=torch.float64) + torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
+    angles = torch.zeros(*shape, 3, dtype=torch.float64) + torch.tensor(
+        [10.0, 20.0, 30.0], dtype=torch.float64
+    )
     r = so3.euler_to_matrix(angles)
     assert r.shape == (*shape, 3, 3)
     assert so3.matrix_to_euler(r).shape == (*shape, 3)
@@ -110,7 +116,9 @@ def test_quaternion_round_trip_and_order(dtype):
     t = 0.7
     rz = so3.axis_angle_to_matrix(torch.tensor([0.0, 0, 1], dtype=dtype), torch.tensor(t))
     np.testing.assert_allclose(
-        so3.matrix_to_quaternion(rz).double().numpy(), [0, 0, math.sin(t / 2), math.cos(t / 2)], atol=1e-6
+        so3.matrix_to_quaternion(rz).double().numpy(),
+        [0, 0, math.sin(t / 2), math.cos(t / 2)],
+        atol=1e-6,
     )
 
 
@@ -133,6 +141,8 @@ def test_cryosparc_pose_is_rotvec_of_relion_matrix(dtype):
     r = so3.cryosparc_pose_to_matrix(pose)
     assert so3.geodesic_distance(r.double(), a.transpose(-1, -2)).max() < 1e-6
     back = so3.matrix_to_cryosparc_pose(r)
-    assert so3.geodesic_distance(so3.rotvec_to_matrix(back), so3.rotvec_to_matrix(pose)).max() < 1e-6
+    assert (
+        so3.geodesic_distance(so3.rotvec_to_matrix(back), so3.rotvec_to_matrix(pose)).max() < 1e-6
+    )
     assert torch.equal(so3.matrix_to_relion_matrix(r), r.transpose(-1, -2))
     assert torch.equal(so3.relion_matrix_to_matrix(so3.matrix_to_relion_matrix(r)), r)

@@ -11,11 +11,9 @@ from conftest import haar
 from cryopose import so3
 
 
-def rotation_about(axis, angle, dtype):
-    return so3.axis_angle_to_matrix(torch.as_tensor(axis, dtype=dtype), torch.tensor(angle, dtype=dtype))
-
-
-@pytest.mark.parametrize("angle", [0.0, 1e-7, 1e-4, 0.3, 1.0, 2.0, math.pi - 1e-4, math.pi - 1e-6, math.pi])
+@pytest.mark.parametrize(
+    "angle", [0.0, 1e-7, 1e-4, 0.3, 1.0, 2.0, math.pi - 1e-4, math.pi - 1e-6, math.pi]
+)
 def test_geodesic_known_angles(angle, dtype):
     r1 = haar(50, 0, dtype)
     g = torch.Generator().manual_seed(1)
@@ -76,6 +74,8 @@ def test_project_to_so3(dtype):
     assert (torch.linalg.matrix_norm(m[:5] - p[:5]) <= best + 1e-5).all()
     # posterior-mean use: the mean of rotations tightly spread about r0 projects back near r0
     r0 = haar(1, 10, dtype)[0]
-    spread = so3.axis_angle_to_matrix(torch.randn(1000, 3, generator=g, dtype=dtype), torch.full((1000,), 0.05, dtype=dtype))
+    spread = so3.axis_angle_to_matrix(
+        torch.randn(1000, 3, generator=g, dtype=dtype), torch.full((1000,), 0.05, dtype=dtype)
+    )
     mean = (r0 @ spread).mean(0)
     assert so3.geodesic_distance(so3.project_to_so3(mean), r0) < 0.01

@@ -27,8 +27,13 @@ def demo(
     simulation.json and montage.png (clean and noisy particles side by side).
     """
     config = SimulationConfig(
-        n=n, box=box, pixel_size_angstrom=pixel_size, snr=snr, ctf=True,
-        max_shift_angstrom=2 * pixel_size, seed=seed,
+        n=n,
+        box=box,
+        pixel_size_angstrom=pixel_size,
+        snr=snr,
+        ctf=True,
+        max_shift_angstrom=2 * pixel_size,
+        seed=seed,
     )
     try:
         with particle_progress("simulating", n) as advance:
@@ -47,8 +52,11 @@ def demo(
     table = Table(title="cryopose demo", show_header=False)
     table.add_row("particles", f"{n} x {box} px at {pixel_size:g} A/px")
     table.add_row("SNR requested / measured", f"{snr:g} / {result.measured_snr:.4g}")
-    table.add_row("files", f"{result.particles_star}, {result.particles_mrcs.name}, "
-                  f"{result.reference_mrc.name}, {result.parameters_json.name}")
+    table.add_row(
+        "files",
+        f"{result.particles_star}, {result.particles_mrcs.name}, "
+        f"{result.reference_mrc.name}, {result.parameters_json.name}",
+    )
     table.add_row("montage", str(montage))
     table.add_row("next", "pose estimation on these particles arrives with `cryopose estimate`")
     Console().print(table)

@@ -52,16 +52,30 @@ def simulate(
 ) -> None:
     """Simulate particles with known poses: DIR/particles.mrcs, particles.star, reference.mrc."""
     config = SimulationConfig(
-        n=n, box=box, pixel_size_angstrom=pixel_size, snr=parse_snr(snr), ctf=ctf,
-        defocus_min_um=defocus_min, defocus_max_um=defocus_max,
-        astigmatism_angstrom=astigmatism, voltage_kv=voltage, cs_mm=cs,
-        amplitude_contrast=amplitude_contrast, max_shift_angstrom=max_shift, poses=poses,
-        symmetry=symmetry, seed=seed,
+        n=n,
+        box=box,
+        pixel_size_angstrom=pixel_size,
+        snr=parse_snr(snr),
+        ctf=ctf,
+        defocus_min_um=defocus_min,
+        defocus_max_um=defocus_max,
+        astigmatism_angstrom=astigmatism,
+        voltage_kv=voltage,
+        cs_mm=cs,
+        amplitude_contrast=amplitude_contrast,
+        max_shift_angstrom=max_shift,
+        poses=poses,
+        symmetry=symmetry,
+        seed=seed,
     )
     try:
         with particle_progress("simulating", config.n) as advance:
             result, _ = simulate_particles(
-                config, out_dir, volume_path=volume, model_path=model, progress=advance,
+                config,
+                out_dir,
+                volume_path=volume,
+                model_path=model,
+                progress=advance,
                 device=device,
             )
     except (OSError, ValueError) as exc:

@@ -108,6 +108,5 @@ def parse_pose_distribution(spec: str) -> PoseDistribution:
         rotations = table.rotations(dtype=torch.float64)
         return PoseDistribution("empirical", rotations=rotations, source=str(path))
     raise CryoposeInputError(
-        f"pose spec {spec!r}: expected uniform, iso-gaussian:ETA[@ROT,TILT,PSI] or a "
-        ".star/.cs file"
+        f"pose spec {spec!r}: expected uniform, iso-gaussian:ETA[@ROT,TILT,PSI] or a .star/.cs file"
     )

@@ -5,6 +5,7 @@ and float64. Rotation matrices follow the cryopose convention ``R = A.T`` (``A``
 ``Euler_angles2matrix``); see ``docs/conventions.md``.
 """
 
+from cryopose.so3.alignment import AlignmentResult, align_rotations, flip_handedness
 from cryopose.so3.conversions import (
     axis_angle_to_matrix,
     cryosparc_pose_to_matrix,
@@ -50,6 +51,13 @@ from cryopose.so3.grids import (
 )
 from cryopose.so3.procrustes import project_to_so3
 from cryopose.so3.random import random_rotations, random_unit_vectors, resolve_generator
+from cryopose.so3.symmetry import (
+    PointGroupError,
+    canonical_representative,
+    closest_symmetry_mate,
+    point_group,
+    symmetric_geodesic_distance,
+)
 
 __all__ = [
     "axis_angle_to_matrix",
@@ -91,4 +99,12 @@ __all__ = [
     "random_rotations",
     "random_unit_vectors",
     "resolve_generator",
+    "AlignmentResult",
+    "align_rotations",
+    "flip_handedness",
+    "PointGroupError",
+    "canonical_representative",
+    "closest_symmetry_mate",
+    "point_group",
+    "symmetric_geodesic_distance",
 ]
