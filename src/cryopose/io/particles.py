@@ -323,9 +323,15 @@ class ParticleTable:
         return paths, indices
 
     def _resolve(self, name: str) -> str:
+        """Relative names: the STAR file's folder (``image_root``) first; when the file is not
+        there but exists relative to the working directory, that one, as RELION resolves
+        paths from its project folder (``Extract/job012/...`` in ``Refine3D/job020/x.star``)."""
         if os.path.isabs(name) or self.image_root is None:
             return os.path.normpath(name)
-        return os.path.normpath(os.path.join(os.fspath(self.image_root), name))
+        joined = os.path.normpath(os.path.join(os.fspath(self.image_root), name))
+        if not os.path.exists(joined) and os.path.exists(name):
+            return os.path.abspath(name)
+        return joined
 
     # ---- derived tables ----------------------------------------------------------------
     def copy(self) -> ParticleTable:
