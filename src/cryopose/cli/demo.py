@@ -6,57 +6,121 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cryopose.cli._common import fail, particle_progress
-from cryopose.plots import particle_montage
+from cryopose.bayes.estimate import EstimateConfig
+from cryopose.cli._common import fail
+from cryopose.evaluate.snr_sweep import METHODS, snr_sweep
+from cryopose.io.mrc import ParticleStack
+from cryopose.plots import error_histograms, error_vs_snr, particle_montage
 from cryopose.simulate import SimulationConfig, simulate_particles
 
 
 def demo(
     out_dir: Path = typer.Option(Path("demo-out"), "-o", "--out", help="Output folder."),
-    n: int = typer.Option(500, "--n", help="Number of particles."),
+    n: int = typer.Option(200, "--n", help="Particles per SNR."),
+    snrs: str = typer.Option("1,0.1,0.03", "--snrs", help="Comma-separated SNRs."),
     box: int = typer.Option(64, "--box", help="Box size in pixels."),
     pixel_size: float = typer.Option(5.0, "--pixel-size", help="Pixel size in Angstrom."),
-    snr: float = typer.Option(0.1, "--snr", help="Signal-to-noise ratio."),
+    grid_order: int = typer.Option(2, "--grid-order", help="HEALPix order of the global grid."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
-    """Simulate ribosome particles from the embedded 80S model and draw them.
-
-    Writes DIR/particles.mrcs, particles.star (true poses, origins, CTF), reference.mrc,
-    simulation.json and montage.png (clean and noisy particles side by side).
-    """
-    config = SimulationConfig(
-        n=n,
-        box=box,
-        pixel_size_angstrom=pixel_size,
-        snr=snr,
-        ctf=True,
-        max_shift_angstrom=2 * pixel_size,
-        seed=seed,
-    )
+    """Simulate 80S ribosome particles at several SNRs, estimate their poses by MLE, MAP and
+    MMSE, and compare with the truth: a table, error histograms, error against SNR, and a
+    montage of clean and noisy particles, all in DIR."""
     try:
-        with particle_progress("simulating", n) as advance:
-            result, clean = simulate_particles(config, out_dir, progress=advance, keep_clean=8)
+        snr_values = [float(s) for s in snrs.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--snrs: expected comma-separated numbers, got {snrs!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    simulation = SimulationConfig(n=n, box=box, pixel_size_angstrom=pixel_size, ctf=True, seed=seed)
+    estimation = EstimateConfig(grid_order=grid_order, n_starts=2, batch_size=100)
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(f"estimating at {stage}", total=total)
+        bar.update(tasks[stage], completed=done)
+
+    try:
+        with bar:
+            rows = snr_sweep(
+                out_dir,
+                snr_values,
+                simulation=simulation,
+                estimation=estimation,
+                progress=progress,
+            )
+            # montage: clean and noisy particles at the lowest SNR
+            low = min(snr_values)
+            config = SimulationConfig(**{**simulation.__dict__, "n": 8, "snr": low})
+            _, clean = simulate_particles(config, out_dir / "montage-data", keep_clean=8)
+        with ParticleStack(out_dir / "montage-data" / "particles.mrcs") as stack:
+            noisy = stack.read()
     except (OSError, ValueError) as exc:
         fail(str(exc))
-    from cryopose.io.mrc import ParticleStack
-
-    with ParticleStack(result.particles_mrcs) as stack:
-        noisy = stack.read(list(range(min(8, n))))
     montage = particle_montage(
-        {"clean (CTF)": clean, f"SNR {snr:g}": noisy},
-        Path(out_dir) / "montage.png",
+        {"clean (CTF)": clean, f"SNR {low:g}": noisy},
+        out_dir / "montage.png",
         title=f"80S ribosome (6ZU5), {box} px at {pixel_size:g} A/px",
     )
-    table = Table(title="cryopose demo", show_header=False)
-    table.add_row("particles", f"{n} x {box} px at {pixel_size:g} A/px")
-    table.add_row("SNR requested / measured", f"{snr:g} / {result.measured_snr:.4g}")
-    table.add_row(
-        "files",
-        f"{result.particles_star}, {result.particles_mrcs.name}, "
-        f"{result.reference_mrc.name}, {result.parameters_json.name}",
+    histograms = error_histograms(
+        {
+            f"SNR {r.snr:g}": {m.upper(): r.errors_deg[m].numpy() for m in ("mle", "mmse")}
+            for r in rows
+        },
+        out_dir / "error_histograms.png",
     )
-    table.add_row("montage", str(montage))
-    table.add_row("next", "pose estimation on these particles arrives with `cryopose estimate`")
+    curve = error_vs_snr(
+        [r.snr for r in rows],
+        {
+            m.upper(): {
+                "median_deg": [r.comparisons[m].median_deg for r in rows],
+                "chordal_mse": [r.comparisons[m].chordal_mse for r in rows],
+            }
+            for m in METHODS
+        },
+        out_dir / "error_vs_snr.png",
+    )
+    table = Table(title=f"cryopose demo: {n} ribosome particles per SNR, grid order {grid_order}")
+    for column in (
+        "SNR",
+        "method",
+        "median (deg)",
+        "mean (deg)",
+        "< 5 deg",
+        "chordal MSE",
+        "shift RMSE (A)",
+        "particles/s",
+    ):
+        table.add_column(column, justify="right")
+    for r in rows:
+        for m in METHODS:
+            c = r.comparisons[m]
+            table.add_row(
+                f"{r.snr:g}",
+                m.upper(),
+                f"{c.median_deg:.2f}",
+                f"{c.mean_deg:.2f}",
+                f"{c.frac_lt_5deg:.2f}",
+                f"{c.chordal_mse:.4f}",
+                f"{c.shift_rmse_angstrom:.2f}",
+                f"{r.n / r.seconds:.1f}" if m == "mle" else "",
+            )
     Console().print(table)
+    unc = Table(title="uncertainty (MMSE): is the expected loss informative and calibrated?")
+    for column in ("SNR", "Spearman(expected loss, error)", "mean expected / measured loss"):
+        unc.add_column(column, justify="right")
+    for r in rows:
+        unc.add_row(f"{r.snr:g}", f"{r.spearman_loss_vs_error:.2f}", f"{r.calibration:.2f}")
+    Console().print(unc)
+    Console().print(f"plots: {histograms}, {curve}, {montage}; data and estimates under {out_dir}/")

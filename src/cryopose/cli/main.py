@@ -14,11 +14,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    # Imported here so `cryopose --help` stays fast and each command owns its module.
-    from cryopose.cli import compare, convert, demo, info, simulate
+    # One module per command; each exposes one function registered here.
+    from cryopose.cli import compare, convert, demo, estimate, info, simulate
 
     app.command("demo")(demo.demo)
     app.command("simulate")(simulate.simulate)
+    app.command("estimate")(estimate.estimate)
     app.command("compare")(compare.compare)
     app.command("info")(info.info)
     app.command("convert")(convert.convert)

@@ -222,12 +222,14 @@ def compare_star_files(
 
     def rotations(suffix: str) -> torch.Tensor:
         cols = [f"{c}_{suffix}" for c in _ANGLES]
-        return euler_to_matrix(torch.from_numpy(merged[cols].to_numpy(np.float64)))
+        return euler_to_matrix(torch.from_numpy(np.array(merged[cols], dtype=np.float64)))
 
     shifts = {}
     if est_has_origins and ref_has_origins:
         for suffix in ("est", "ref"):
-            shifts[suffix] = torch.from_numpy(merged[[f"x_A_{suffix}", f"y_A_{suffix}"]].to_numpy())
+            shifts[suffix] = torch.from_numpy(
+                np.array(merged[[f"x_A_{suffix}", f"y_A_{suffix}"]], dtype=np.float64)
+            )
     result = compare_poses(
         rotations("est"),
         rotations("ref"),

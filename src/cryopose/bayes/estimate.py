@@ -1,0 +1,433 @@
+"""Pose estimation for a particle data set: global grid search, multi-start local refinement,
+posterior summaries, and the output table.
+
+The posterior is one quadrature over SO(3) that gets finer where the mass is. It starts as
+the global HEALPix grid (equal weights ``1/G``). Each refinement level picks centres (the
+distinct top candidates at the first level, the current MAP afterwards), removes the existing
+points inside a geodesic ball of radius ``r`` about each centre, and adds a finer local grid
+inside the ball, each new point weighted by the ball's Haar volume ``(r - sin r)/pi`` divided
+by the number of points. The mass far from the candidates keeps its coarse but honest
+representation (so low-SNR uncertainty is not truncated), while high-SNR estimates are no
+longer limited by the global grid spacing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryopose.bayes.noise import estimate_noise_sigma2
+from cryopose.bayes.posterior import PoseEstimates, summarize_posterior
+from cryopose.bayes.priors import parse_prior
+from cryopose.bayes.scoring import ReferenceScorer, shift_grid
+from cryopose.imaging.ctf import ctf_2d
+from cryopose.io.errors import CryoposeInputError
+from cryopose.io.particles import ParticleImages, ParticleTable
+from cryopose.so3.distances import geodesic_distance
+from cryopose.so3.grids import SO3Grid, healpix_grid, local_grid
+from cryopose.so3.symmetry import point_group
+from cryopose.volumes.transform import resample_volume
+
+__all__ = ["EstimateConfig", "EstimateResult", "estimate_poses", "OUTPUT_COLUMNS"]
+
+#: Columns added to the output STAR file (besides angles and origins).
+OUTPUT_COLUMNS = {
+    "max_probability": "rlnMaxValueProbDistribution",
+    "expected_loss": "rlnCryoposeExpectedLoss",
+    "credible_radius_deg": "rlnCryoposeCredibleRadiusDeg",
+    "mass_outside_20deg": "rlnCryoposeMassOutside20Deg",
+    "log_evidence": "rlnCryoposeLogEvidence",
+}
+
+
+@dataclass
+class EstimateConfig:
+    """Options of :func:`estimate_poses` (the ``cryopose estimate`` flags).
+
+    Attributes
+    ----------
+    method : {"mmse", "map", "mle"}
+        Which estimate becomes the output pose.
+    prior : str
+        ``uniform``, ``iso-gaussian:ETA[@ROT,TILT,PSI]`` or ``empirical``.
+    grid_order : int
+        HEALPix order of the global grid (2: 4,608 rotations, 15 degree in-plane step).
+    local_refine : bool
+        Refine on finer local grids around the top candidates.
+    refine_levels : int
+        Number of local levels; each divides the step by ``refine_factor``.
+    n_starts : int
+        Distinct top candidates of the global posterior that refinement starts from.
+    shift_range_angstrom, shift_step_angstrom : float
+        Translation search (disk of this radius, this step; step defaults to the pixel size).
+    noise_sigma : "auto" or float
+        ``auto`` estimates sigma^2 per Fourier shell from the background outside the particle
+        mask; a number is the white-noise standard deviation per pixel.
+    particle_diameter_angstrom : float or None
+        Mask diameter for the noise estimate (default 0.9 of the box).
+    symmetry : str
+        Point group of the reference.
+    max_frequency_angstrom : float or None
+        Band limit of the likelihood (Angstrom; None: Nyquist).
+    batch_size : int
+        Particles scored at once.
+    device : str
+        ``cpu`` or ``cuda``.
+    """
+
+    method: str = "mmse"
+    prior: str = "uniform"
+    grid_order: int = 2
+    local_refine: bool = True
+    refine_levels: int = 2
+    refine_factor: float = 3.0
+    n_starts: int = 3
+    shift_range_angstrom: float = 0.0
+    shift_step_angstrom: float | None = None
+    noise_sigma: str | float = "auto"
+    particle_diameter_angstrom: float | None = None
+    symmetry: str = "C1"
+    max_frequency_angstrom: float | None = None
+    batch_size: int = 128
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise :class:`CryoposeInputError` naming the first invalid option."""
+        if self.method not in ("mmse", "map", "mle"):
+            raise CryoposeInputError(f"--method: expected mmse, map or mle, got {self.method!r}")
+        if not 0 <= self.grid_order <= 4:
+            raise CryoposeInputError(f"--grid-order: expected 0..4, got {self.grid_order}")
+        if self.shift_range_angstrom < 0:
+            raise CryoposeInputError("--shift-range: expected >= 0 Angstrom")
+        if self.shift_step_angstrom is not None and self.shift_step_angstrom <= 0:
+            raise CryoposeInputError("--shift-step: expected > 0 Angstrom")
+        if self.batch_size < 1:
+            raise CryoposeInputError("--batch-size: expected a positive integer")
+        if self.noise_sigma != "auto":
+            try:
+                self.noise_sigma = float(self.noise_sigma)
+            except (TypeError, ValueError):
+                self.noise_sigma = -1.0
+            if not (self.noise_sigma > 0 and math.isfinite(self.noise_sigma)):
+                raise CryoposeInputError("--noise-sigma: expected auto or a positive number")
+
+
+@dataclass
+class EstimateResult:
+    """Output of :func:`estimate_poses`."""
+
+    table: ParticleTable
+    estimates: PoseEstimates
+    global_estimates: PoseEstimates
+    sigma2: torch.Tensor
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _ball_volume(radius_rad: float) -> float:
+    """Normalised Haar volume of a geodesic ball of this radius in SO(3)."""
+    return (radius_rad - math.sin(radius_rad)) / math.pi
+
+
+def _local_offsets(radius_deg: float, step_deg: float, dtype, device) -> torch.Tensor:
+    """Offsets ``E`` (``R = C @ E``) of a local grid filling the geodesic ball of ``radius``."""
+    eye = torch.eye(3, dtype=dtype, device=device)
+    offsets = local_grid(eye, radius_deg, radius_deg, step_deg).reshape(-1, 3, 3)
+    keep = geodesic_distance(offsets, eye) <= math.radians(radius_deg) + 1e-9
+    return offsets[keep]
+
+
+class _Quadrature:
+    """Per-particle rotation points, log-likelihoods and log weights that refine in place."""
+
+    def __init__(
+        self,
+        rotations: torch.Tensor,
+        log_lik: torch.Tensor,
+        log_weights: torch.Tensor,
+        log_prior: torch.Tensor,
+    ):
+        self.rotations = rotations  # [B, P, 3, 3]
+        self.log_lik = log_lik  # [B, P, T]
+        self.log_weights = log_weights  # [B, P] log Haar mass of each point's cell
+        self.log_prior = log_prior  # [B, P] log prior density (w.r.t. normalised Haar)
+
+    def replace_ball(
+        self,
+        centres: torch.Tensor,
+        radius_rad: float,
+        rotations: torch.Tensor,
+        log_lik: torch.Tensor,
+        log_prior: torch.Tensor,
+    ) -> None:
+        """Drop points within ``radius`` of each centre ``[B, K, 3, 3]``; add ``rotations``
+        ``[B, K*L, 3, 3]`` (L per centre) with weight ball-volume / L each."""
+        b, k = centres.shape[:2]
+        inside = torch.zeros(self.log_weights.shape, dtype=torch.bool, device=centres.device)
+        for j in range(k):
+            d = geodesic_distance(centres[:, j, None], self.rotations)
+            inside |= d < radius_rad
+        self.log_weights = self.log_weights.masked_fill(inside, -math.inf)
+        per_centre = rotations.shape[1] // k
+        log_w = math.log(_ball_volume(radius_rad) / per_centre)
+        new_w = torch.full(
+            rotations.shape[:2], log_w, dtype=self.log_weights.dtype, device=self.log_weights.device
+        )
+        # overlapping balls: a new point inside an earlier-listed ball of this level is dropped
+        for j in range(k):
+            block = slice(j * per_centre, (j + 1) * per_centre)
+            for i in range(j):
+                d = geodesic_distance(centres[:, i, None], rotations[:, block])
+                new_w[:, block] = new_w[:, block].masked_fill(d < radius_rad, -math.inf)
+        self.rotations = torch.cat([self.rotations, rotations], dim=1)
+        self.log_lik = torch.cat([self.log_lik, log_lik], dim=1)
+        self.log_weights = torch.cat([self.log_weights, new_w], dim=1)
+        self.log_prior = torch.cat([self.log_prior, log_prior], dim=1)
+
+
+def _ctf_batch(table: ParticleTable, rows: np.ndarray, box: int, device) -> torch.Tensor | None:
+    if not table.has_ctf:
+        return None
+    p = table.subset(rows).ctf_params(dtype=torch.float32, device=device)
+    return (
+        ctf_2d(
+            defocus_u_angstrom=p["defocus_u_angstrom"],
+            defocus_v_angstrom=p["defocus_v_angstrom"],
+            defocus_angle_deg=p["defocus_angle_deg"],
+            voltage_kv=p["voltage_kv"],
+            cs_mm=p["spherical_aberration_mm"],
+            amplitude_contrast=p["amplitude_contrast"],
+            phase_shift_deg=p["phase_shift_deg"],
+            bfactor=p["bfactor_angstrom2"],
+            pixel_size_angstrom=float(p["pixel_size_angstrom"][0]),
+            box=box,
+            dtype=torch.float32,
+            device=device,
+        )
+        * p["scale"][:, None, None]
+    )
+
+
+def _prepare_reference(volume: torch.Tensor, volume_pixel_size: float, box: int, px: float):
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise CryoposeInputError(f"reference: expected a cubic volume, got {tuple(volume.shape)}")
+    if not torch.isfinite(volume).all():
+        raise CryoposeInputError("reference: contains non-finite values")
+    if volume.shape[0] != box or abs(volume_pixel_size - px) > 1e-4 * px:
+        volume = resample_volume(volume, volume_pixel_size, px, box)
+    return volume.to(torch.float32)
+
+
+def estimate_poses(
+    table: ParticleTable,
+    reference: torch.Tensor,
+    reference_pixel_size: float,
+    config: EstimateConfig | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> EstimateResult:
+    """Estimate the pose of every particle of ``table`` against ``reference``.
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles (images, CTF, optics); one pixel size and box for all.
+    reference : torch.Tensor
+        ``[N, N, N]`` map ``[z, y, x]``; resampled to the particles' pixel size and box if
+        needed.
+    reference_pixel_size : float
+        Its pixel size in Angstrom.
+    config : EstimateConfig
+    progress : callable, optional
+        Called with the number of particles finished after each batch.
+
+    Returns
+    -------
+    EstimateResult
+        The output table keeps every input column, replaces angles and origins by the chosen
+        estimate and adds the columns of :data:`OUTPUT_COLUMNS`.
+    """
+    config = config or EstimateConfig()
+    config.validate()
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    pixel_sizes = np.unique(np.round(table.pixel_sizes(), 6))
+    if len(pixel_sizes) != 1:
+        raise CryoposeInputError(
+            f"{table.source}: rlnImagePixelSize has {len(pixel_sizes)} values; "
+            "expected one pixel size (split the optics groups)"
+        )
+    px, box = float(pixel_sizes[0]), int(table.box)
+    volume = _prepare_reference(reference, reference_pixel_size, box, px).to(device)
+    scorer = ReferenceScorer(
+        volume, px, max_frequency_angstrom=config.max_frequency_angstrom, device=device
+    )
+    grid: SO3Grid = healpix_grid(config.grid_order, dtype=torch.float32, device=device)
+    group = point_group(config.symmetry, dtype=torch.float64)
+    group_arg = None if group.shape[0] == 1 else group
+    if config.shift_range_angstrom > 0:
+        shifts = shift_grid(config.shift_range_angstrom, config.shift_step_angstrom or px, px).to(
+            device=device, dtype=torch.float32
+        )
+    else:
+        shifts = None
+    prior = parse_prior(config.prior)
+    timings = {"score": 0.0, "refine": 0.0, "summarize": 0.0}
+
+    n = len(table)
+    rows_all = np.arange(n)
+    with ParticleImages(table) as reader:
+        # noise model
+        if config.noise_sigma == "auto":
+            diameter = config.particle_diameter_angstrom or 0.9 * box * px
+            sample = reader.read(rows_all[: min(n, 1000)]).to(device)
+            sigma2 = estimate_noise_sigma2(sample, diameter / (2 * px)).to(device)
+        else:
+            sigma2 = torch.full((box // 2 + 1,), float(config.noise_sigma) ** 2, device=device)
+
+        if getattr(prior, "requires_fit", False):
+            prior = _fit_empirical(prior, reader, table, scorer, grid, sigma2, shifts, config)
+        log_prior_grid = prior.log_prior(grid.matrices.double()).to(device)
+
+        global_parts: list[PoseEstimates] = []
+        final_parts: list[PoseEstimates] = []
+        for b0 in range(0, n, config.batch_size):
+            rows = rows_all[b0 : b0 + config.batch_size]
+            images = reader.read(rows).to(device)
+            ctf = _ctf_batch(table, rows, box, device)
+            t0 = time.perf_counter()
+            log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
+            timings["score"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            global_est = summarize_posterior(
+                log_lik,
+                grid,
+                shifts,
+                log_prior=log_prior_grid,
+                group=group_arg,
+                n_candidates=config.n_starts,
+            )
+            timings["summarize"] += time.perf_counter() - t0
+            global_parts.append(global_est.to("cpu"))
+            if config.local_refine:
+                t0 = time.perf_counter()
+                final = _refine(
+                    scorer,
+                    images,
+                    ctf,
+                    sigma2,
+                    shifts,
+                    grid,
+                    log_lik,
+                    log_prior_grid,
+                    global_est,
+                    prior,
+                    group_arg,
+                    config,
+                )
+                timings["refine"] += time.perf_counter() - t0
+            else:
+                final = global_est
+            final_parts.append(final.to("cpu"))
+            if progress is not None:
+                progress(len(rows))
+
+    estimates = PoseEstimates.concatenate(final_parts)
+    global_estimates = PoseEstimates.concatenate(global_parts)
+    out = _output_table(table, estimates, config.method, px)
+    return EstimateResult(
+        table=out,
+        estimates=estimates,
+        global_estimates=global_estimates,
+        sigma2=sigma2.cpu(),
+        seconds=time.perf_counter() - start,
+        timings=timings,
+    )
+
+
+def _refine(
+    scorer: ReferenceScorer,
+    images: torch.Tensor,
+    ctf: torch.Tensor | None,
+    sigma2: torch.Tensor,
+    shifts: torch.Tensor | None,
+    grid: SO3Grid,
+    log_lik: torch.Tensor,
+    log_prior_grid: torch.Tensor,
+    global_est: PoseEstimates,
+    prior,
+    group: torch.Tensor | None,
+    config: EstimateConfig,
+) -> PoseEstimates:
+    """Coarse-to-fine local refinement from the distinct top candidates (module docstring)."""
+    b = images.shape[0]
+    dtype = torch.float64
+    g = grid.matrices.to(dtype)
+    quad = _Quadrature(
+        g.expand(b, *g.shape).clone(),
+        log_lik.double(),
+        torch.log(grid.weights.to(g.device).double()).expand(b, -1).clone(),
+        log_prior_grid.double().to(g.device).expand(b, -1).clone(),
+    )
+    candidates = global_est.top_candidates.to(g.device)
+    # pad missing candidates with the MAP
+    candidates = torch.where(candidates < 0, global_est.index_map[:, None].to(g.device), candidates)
+    centres = g[candidates]  # [B, K, 3, 3]
+    radius_deg = grid.inplane_step_deg
+    step_deg = radius_deg / config.refine_factor
+    for level in range(config.refine_levels):
+        offsets = _local_offsets(radius_deg, step_deg, dtype, g.device)  # [L, 3, 3]
+        k = centres.shape[1]
+        local = (centres[:, :, None] @ offsets).reshape(b, k * offsets.shape[0], 3, 3)
+        local_lik = scorer.score_rotations(images, ctf, sigma2, local.float(), shifts).double()
+        local_prior = prior.log_prior(local).to(device=g.device, dtype=dtype)
+        quad.replace_ball(centres, math.radians(radius_deg), local, local_lik, local_prior)
+        est = summarize_posterior(
+            quad.log_lik,
+            quad.rotations,
+            shifts,
+            log_prior=quad.log_prior,
+            log_quadrature_weights=quad.log_weights,
+            group=group,
+            n_candidates=1,
+            min_separation_deg=radius_deg,
+        )
+        if level + 1 < config.refine_levels:
+            # next level: one ball about the current MAP, finer
+            idx = est.index_map.to(g.device)
+            centres = quad.rotations[torch.arange(b), idx][:, None]
+            radius_deg = step_deg
+            step_deg = step_deg / config.refine_factor
+    # the point-density MAP/MLE of the last summary already reflect every level
+    return est
+
+
+def _fit_empirical(prior, reader, table, scorer, grid, sigma2, shifts, config):
+    """First pass for the empirical prior: shift-marginalised log-likelihoods over the grid."""
+    n = len(table)
+    batches = []
+    for b0 in range(0, n, config.batch_size):
+        rows = np.arange(b0, min(n, b0 + config.batch_size))
+        images = reader.read(rows).to(scorer.device)
+        ctf = _ctf_batch(table, rows, int(table.box), scorer.device)
+        log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
+        batches.append(torch.logsumexp(log_lik, dim=-1).cpu())
+    return prior.learn(torch.cat(batches), grid)
+
+
+def _output_table(
+    table: ParticleTable, estimates: PoseEstimates, method: str, px: float
+) -> ParticleTable:
+    rotations = getattr(estimates, f"rotations_{method}")
+    shifts = getattr(estimates, f"shifts_{method}_px")
+    # a template shift of +t pixels means the particle sits at N//2 + t: RELION origin = -t px
+    origins = -shifts.double() * px
+    out = table.with_poses(rotations.double(), origins)
+    for attribute, column in OUTPUT_COLUMNS.items():
+        out.data[column] = getattr(estimates, attribute).double().numpy()
+    return out

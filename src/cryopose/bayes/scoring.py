@@ -1,0 +1,511 @@
+"""Gaussian log-likelihood of particle images against projections of a reference (the hot path).
+
+Likelihood (``docs/conventions.md``, "Likelihood"): for an image ``y`` (``N x N`` pixels, DFT
+``Y`` unnormalised, phase origin at pixel ``N // 2``), CTF ``C``, pose ``R`` and shift ``t``::
+
+    log p(y | R, t) = - sum_{|k| <= k_max} |Y_k - C_k S_t(k) X_R(k)|^2 / (2 N^2 sigma2(shell(k)))
+
+over the full 2D spectrum (on the stored rfft half-plane, columns ``0 < kx < N / 2`` count
+twice), ``shell(k) = round(|k|)`` clamped to ``N // 2``, ``X_R`` the central slice of the
+reference (:class:`cryopose.imaging.Projector`), ``S_t(k) = exp(-2 pi i k . t / N)`` (the
+template shifted by ``+t`` pixels). With ``k_max`` = Nyquist and white noise ``sigma2 = s^2``
+this equals the real-space ``-||y - x||^2 / (2 s^2)`` exactly. The returned values include the
+``|Y|^2`` term, so they are this expression exactly (the Gaussian normaliser is dropped).
+
+Expanded, ``log p = const_y + Re <w conj(Y) C S_t, X_R> - 1/2 <w |C|^2, |X_R|^2>`` with
+``w = multiplicity / (N^2 sigma2)``: two matrix products over the Fourier samples, one per
+image-and-shift row and one per image row, against all templates.
+
+Two evaluation paths
+--------------------
+*Dense* (any rotation set): templates on the Cartesian half-plane, both terms as real GEMMs,
+chunked over rotations and images.
+
+*In-plane FFT* (HEALPix grids, :meth:`ReferenceScorer.score_grid`): for ``R = B_d Rz(psi)`` the
+slice is ``X(r, phi) = T_d(r, phi + psi)`` in polar coordinates, ``T_d`` the ``psi = 0``
+slice. Both terms become circular correlations over ``phi``: FFT over ``phi`` of the image-side
+polar data ``a(r, phi)`` and of the templates, a complex GEMM over radii per angular frequency
+``m``, ``|m| <= M``, and an inverse FFT over ``m`` evaluated at the grid's ``psi``. Templates are
+sampled directly from the padded 3D transform at polar points; the image-side data
+``conj(Y) C`` and ``|C|^2`` are interpolated from their Cartesian DFT after zero padding by 2 and
+a bilinear gridding correction (like the projector); polar samples carry their exact annulus
+area ``(b^2 - a^2) / 2 * dphi`` so the polar sum approximates the Cartesian one. The constant
+``const_y`` is computed exactly on the Cartesian grid, so both paths share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cryopose.imaging.fft import fft2_centred, irfft2_centred, rfft2_centred
+from cryopose.imaging.projection import Projector
+from cryopose.so3.grids import SO3Grid
+
+__all__ = ["ReferenceScorer", "shift_grid"]
+
+# Default bound on the temporary memory of one chunk, in bytes.
+_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def shift_grid(
+    range_angstrom: float, step_angstrom: float, pixel_size: float
+) -> torch.Tensor:
+    """Translation grid: a square lattice of step ``step_angstrom`` inside a disk.
+
+    Parameters
+    ----------
+    range_angstrom : float
+        Radius of the disk in Angstrom (0 gives the single zero shift).
+    step_angstrom : float
+        Lattice step in Angstrom (> 0).
+    pixel_size : float
+        Pixel size in Angstrom.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, 2]`` float64 shifts ``(x, y)`` in pixels, zero first, then by increasing radius.
+        A shift ``t`` means the particle centre is displaced by ``+t`` from pixel ``N // 2``
+        (RELION origin ``-t * pixel_size`` Angstrom).
+    """
+    if not step_angstrom > 0:
+        raise ValueError(f"step_angstrom: expected > 0, got {step_angstrom}")
+    if not range_angstrom >= 0:
+        raise ValueError(f"range_angstrom: expected >= 0, got {range_angstrom}")
+    if not pixel_size > 0:
+        raise ValueError(f"pixel_size: expected > 0 Angstrom, got {pixel_size}")
+    n = int(math.floor(range_angstrom / step_angstrom + 1e-9))
+    i = torch.arange(-n, n + 1, dtype=torch.float64) * step_angstrom
+    gy, gx = torch.meshgrid(i, i, indexing="ij")
+    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
+    rad = pts.norm(dim=-1)
+    keep = rad <= range_angstrom * (1 + 1e-9)
+    pts, rad = pts[keep], rad[keep]
+    # stable order: radius, then angle
+    ang = torch.atan2(pts[:, 1], pts[:, 0])
+    order = sorted(range(pts.shape[0]), key=lambda j: (round(float(rad[j]), 9), float(ang[j])))
+    return pts[order] / pixel_size
+
+
+def _rz(psi_rad: torch.Tensor) -> torch.Tensor:
+    c, s = torch.cos(psi_rad), torch.sin(psi_rad)
+    z, o = torch.zeros_like(c), torch.ones_like(c)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=-1).reshape(*psi_rad.shape, 3, 3)
+
+
+class ReferenceScorer:
+    """Log-likelihoods of images for every rotation (and shift) of a grid, for one reference.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        ``[N, N, N]`` reference map ``[z, y, x]`` (voxel units as in
+        :class:`cryopose.imaging.Projector`; images are compared with its voxel-sum projections).
+    pixel_size_angstrom : float
+        Pixel size in Angstrom (of the volume and the images).
+    max_frequency_angstrom : float, optional
+        Band limit as a resolution in Angstrom: Fourier samples with
+        ``|k| <= N * pixel_size / max_frequency_angstrom`` (Fourier pixels) are used. ``None``:
+        every coefficient (Nyquist and the corners).
+    pad_factor : float
+        Projector padding (see :class:`cryopose.imaging.Projector`).
+    device : torch.device or str, optional
+        Where to compute (default: the volume's device).
+    dtype : torch.dtype
+        Compute precision, float32 (default) or float64. Results are returned in this dtype.
+    radial_step_px : float
+        Radial spacing of the polar templates in Fourier pixels (in-plane FFT path).
+    max_chunk_bytes : int
+        Bound on the temporary memory of one chunk (the output is extra).
+    """
+
+    def __init__(
+        self,
+        volume: torch.Tensor,
+        pixel_size_angstrom: float,
+        *,
+        max_frequency_angstrom: float | None = None,
+        pad_factor: float = 2.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        radial_step_px: float = 0.5,
+        max_chunk_bytes: int = _CHUNK_BYTES,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+        if not pixel_size_angstrom > 0:
+            raise ValueError(f"pixel_size_angstrom: expected > 0, got {pixel_size_angstrom}")
+        if not radial_step_px > 0:
+            raise ValueError(f"radial_step_px: expected > 0, got {radial_step_px}")
+        device = torch.device(device) if device is not None else volume.device
+        self.device = device
+        self.dtype = dtype
+        self.cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        self.pixel_size_angstrom = float(pixel_size_angstrom)
+        self.projector = Projector(volume.to(device=device, dtype=dtype), pad_factor=pad_factor)
+        n = self.projector.box
+        self.box = n
+        self.max_chunk_bytes = int(max_chunk_bytes)
+        self.radial_step_px = float(radial_step_px)
+        if max_frequency_angstrom is None:
+            self.k_max_px = math.inf
+        else:
+            if not max_frequency_angstrom > 0:
+                raise ValueError(
+                    f"max_frequency_angstrom: expected > 0 Angstrom, got {max_frequency_angstrom}"
+                )
+            self.k_max_px = n * self.pixel_size_angstrom / float(max_frequency_angstrom)
+
+        # Cartesian half-plane geometry.
+        ky = torch.arange(n, dtype=torch.float64, device=device) - n // 2
+        kx = torch.arange(n // 2 + 1, dtype=torch.float64, device=device)
+        gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+        rad = torch.sqrt(gx**2 + gy**2)
+        mult = torch.full_like(gx, 2.0)
+        mult[:, 0] = 1.0
+        if n % 2 == 0:
+            mult[:, n // 2] = 1.0
+        band = rad <= self.k_max_px * (1 + 1e-12)
+        self._mult = (mult * band).to(dtype)  # [N, N//2+1], zero outside the band
+        self._shell = torch.round(rad).clamp(max=n // 2).long()  # [N, N//2+1]
+        # Samples where templates can be non-zero (projector: |k| < N/2) and inside the band.
+        self._tmask = band & (rad < n / 2)
+        self._kx = gx[self._tmask].to(dtype)
+        self._ky = gy[self._tmask].to(dtype)
+
+        # Polar geometry (in-plane FFT path).
+        k_lim = min(self.k_max_px, n / 2)
+        dr = self.radial_step_px
+        n_r = max(1, int(math.ceil(k_lim / dr - 1e-9)))
+        edges = torch.arange(n_r + 1, dtype=torch.float64, device=device) * dr
+        edges = edges.clamp(max=k_lim)
+        self._radii = ((edges[:-1] + edges[1:]) / 2).to(dtype)  # [R]
+        self._ring_area = ((edges[1:] ** 2 - edges[:-1] ** 2) / 2).to(dtype)  # x dphi later
+        self._ring_shell = torch.round(self._radii.double()).clamp(max=n // 2).long()
+        self._m_max = int(math.ceil(math.pi * k_lim)) + 2
+        self._template_cache: tuple | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _chunk(self, per_item_bytes: float, cap: int) -> int:
+        return max(1, min(cap, int(self.max_chunk_bytes // max(per_item_bytes, 1.0))))
+
+    def _prepare(
+        self,
+        images: torch.Tensor,
+        ctf: torch.Tensor | None,
+        sigma2: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fourier data, CTF, per-sample weights ``w = mult / (N^2 sigma2)`` and ``const_y``."""
+        n = self.box
+        if not isinstance(images, torch.Tensor) or images.ndim != 3 or images.shape[-2:] != (n, n):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise ValueError(f"images: expected a [B, {n}, {n}] tensor, got {shape}")
+        b = images.shape[0]
+        y = rfft2_centred(images.to(device=self.device, dtype=self.dtype))
+        if ctf is None:
+            c = None
+        else:
+            if ctf.shape[-2:] != (n, n // 2 + 1) or ctf.ndim != 3 or ctf.shape[0] not in (1, b):
+                raise ValueError(
+                    f"ctf: expected [B or 1, {n}, {n // 2 + 1}] centred rfft CTF, "
+                    f"got {tuple(ctf.shape)}"
+                )
+            c = ctf.to(device=self.device, dtype=self.dtype).expand(b, -1, -1)
+        s2 = torch.as_tensor(sigma2, dtype=self.dtype, device=self.device)
+        if s2.ndim == 0:
+            s2 = s2.expand(1, n // 2 + 1)
+        elif s2.ndim == 1:
+            s2 = s2[None]
+        if s2.ndim != 2 or s2.shape[-1] != n // 2 + 1 or s2.shape[0] not in (1, b):
+            raise ValueError(
+                f"sigma2: expected a float or [B or 1, {n // 2 + 1}] per-shell noise variances, "
+                f"got shape {tuple(s2.shape)}"
+            )
+        if not bool((s2 > 0).all()) or not bool(torch.isfinite(s2).all()):
+            raise ValueError("sigma2: expected finite positive noise variances")
+        inv = 1.0 / (s2.expand(b, -1) * float(n * n))  # [B, N//2+1]
+        w = inv[:, self._shell] * self._mult  # [B, N, N//2+1]
+        const = -0.5 * (w * (y.real**2 + y.imag**2)).sum(dim=(-2, -1))
+        return y, c, w, const
+
+    def _shift_phase(self, shifts: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor):
+        """``exp(-2 pi i (kx tx + ky ty) / N)`` for shifts ``[..., T, 2]`` at points ``[K]``."""
+        ph = (-2.0 * math.pi / self.box) * (
+            shifts[..., 0:1] * kx.reshape(-1) + shifts[..., 1:2] * ky.reshape(-1)
+        )
+        return torch.polar(torch.ones_like(ph), ph)
+
+    def _shifts(self, shifts_px: torch.Tensor | None, b: int) -> torch.Tensor:
+        if shifts_px is None:
+            return torch.zeros(1, 2, dtype=self.dtype, device=self.device)
+        s = torch.as_tensor(shifts_px, dtype=self.dtype, device=self.device)
+        if s.ndim not in (2, 3) or s.shape[-1] != 2 or (s.ndim == 3 and s.shape[0] != b):
+            raise ValueError(f"shifts_px: expected [T, 2] or [B, T, 2] (x, y) pixels, got "
+                             f"{tuple(s.shape)}")
+        return s
+
+    # ------------------------------------------------------------------ dense path
+    def score_rotations(
+        self,
+        images: torch.Tensor,
+        ctf: torch.Tensor | None,
+        sigma2: torch.Tensor | float,
+        rotations: torch.Tensor,
+        shifts_px: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-likelihoods for explicit rotations (dense exact path).
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``[B, N, N]`` real particle images (not centred).
+        ctf : torch.Tensor or None
+            ``[B or 1, N, N // 2 + 1]`` CTF in the centred rfft layout, or None (no CTF).
+        sigma2 : torch.Tensor or float
+            Noise variance per real-space pixel: a float (white) or ``[B or 1, N // 2 + 1]`` /
+            ``[N // 2 + 1]`` per radial shell.
+        rotations : torch.Tensor
+            ``[L, 3, 3]`` shared or ``[B, L, 3, 3]`` per-particle cryopose rotations.
+        shifts_px : torch.Tensor, optional
+            ``[T, 2]`` or ``[B, T, 2]`` candidate shifts ``(x, y)`` in pixels (template shifted by
+            ``+t``); None means the single zero shift.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, L, T]`` log-likelihoods in the scorer's dtype.
+        """
+        y, c, w, const = self._prepare(images, ctf, sigma2)
+        b = y.shape[0]
+        shifts = self._shifts(shifts_px, b)
+        rot = torch.as_tensor(rotations, dtype=self.dtype, device=self.device)
+        if rot.shape[-2:] != (3, 3) or rot.ndim not in (3, 4) or (rot.ndim == 4
+                                                                  and rot.shape[0] != b):
+            raise ValueError(f"rotations: expected [L, 3, 3] or [B, L, 3, 3], got "
+                             f"{tuple(rot.shape)}")
+        m = self._tmask
+        yk, wk = y[:, m], w[:, m]  # [B, K]
+        ck = c[:, m] if c is not None else None
+        a = torch.conj(yk) * wk if ck is None else torch.conj(yk) * (wk * ck)
+        q = -0.5 * wk if ck is None else -0.5 * wk * ck**2  # [B, K]
+        phase = self._shift_phase(shifts, self._kx, self._ky)  # [T, K] or [B, T, K]
+        at = a[:, None, :] * phase  # [B, T, K]
+        t = at.shape[1]
+        k = a.shape[-1]
+        left = torch.cat([at.real, -at.imag], dim=-1)  # [B, T, 2K]
+        elem = 4 if self.dtype == torch.float32 else 8
+        if rot.ndim == 3:
+            n_l = rot.shape[0]
+            out = torch.empty(b, n_l, t, dtype=self.dtype, device=self.device)
+            lc = self._chunk(3 * k * elem * 3 + b * t * elem, n_l)
+            left2 = left.reshape(b * t, 2 * k)
+            for s in range(0, n_l, lc):
+                x = self.projector.slices(rot[s : s + lc])[:, m]  # [Lc, K]
+                xr = torch.cat([x.real, x.imag], dim=-1).T  # [2K, Lc]
+                cross = (left2 @ xr).reshape(b, t, -1)
+                norm = q @ (x.real**2 + x.imag**2).T  # [B, Lc]
+                out[:, s : s + lc] = (cross + norm[:, None, :]).transpose(1, 2)
+        else:
+            n_l = rot.shape[1]
+            out = torch.empty(b, n_l, t, dtype=self.dtype, device=self.device)
+            lc = self._chunk(b * 3 * k * elem * 3, n_l)
+            for s in range(0, n_l, lc):
+                x = self.projector.slices(rot[:, s : s + lc])[:, :, m]  # [B, Lc, K]
+                xr = torch.cat([x.real, x.imag], dim=-1).transpose(1, 2)  # [B, 2K, Lc]
+                cross = torch.bmm(left, xr)  # [B, T, Lc]
+                norm = torch.bmm(q[:, None, :], (x.real**2 + x.imag**2).transpose(1, 2))
+                out[:, s : s + lc] = (cross + norm).transpose(1, 2)
+        return out + const[:, None, None]
+
+    # ------------------------------------------------------------------ polar path
+    def _polar_points(self, n_phi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        phi = torch.arange(n_phi, dtype=torch.float64, device=self.device) * (2 * math.pi / n_phi)
+        r = self._radii.double()
+        px = r[:, None] * torch.cos(phi)[None, :]
+        py = r[:, None] * torch.sin(phi)[None, :]
+        return px.to(self.dtype), py.to(self.dtype)  # [R, Phi]
+
+    def _sample_volume(self, points: torch.Tensor) -> torch.Tensor:
+        """Padded 3D transform at ``[..., 3]`` (x, y, z) points in N-box Fourier pixels."""
+        proj = self.projector
+        mpad = proj.padded_box
+        idx = points * (mpad / self.box) + mpad // 2
+        grid = idx * (2.0 / (mpad - 1)) - 1.0
+        shape = points.shape[:-1]
+        flat = grid.reshape(1, 1, 1, -1, 3)
+        out = []
+        step = 1 << 21
+        for s in range(0, flat.shape[3], step):
+            v = F.grid_sample(proj._ft_ri, flat[:, :, :, s : s + step], mode="bilinear",
+                              padding_mode="zeros", align_corners=True)[0, :, 0, 0, :]
+            out.append(torch.complex(v[0], v[1]))
+        return torch.cat(out).reshape(shape)
+
+    def _interp_polar(self, spec_half: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
+        """Interpolate Hermitian centred-rfft spectra ``[B, N, N//2+1]`` at polar points.
+
+        Zero-pads the real-space function to ``2N``, divides by the bilinear kernel's
+        ``sinc^2`` footprint and samples the padded DFT bilinearly.
+        """
+        n = self.box
+        mpad = 2 * n
+        real = irfft2_centred(spec_half, n)  # [B, N, N]
+        before = mpad // 2 - n // 2
+        real = F.pad(real, [before, mpad - n - before] * 2)
+        i = (torch.arange(mpad, dtype=self.dtype, device=self.device) - mpad // 2) / mpad
+        s2 = torch.sinc(i) ** 2
+        real = real / (s2[:, None] * s2[None, :])
+        ft = fft2_centred(real)  # [B, 2N, 2N]
+        ri = torch.view_as_real(ft).permute(0, 3, 1, 2)  # [B, 2, 2N, 2N]
+        gx = (px * 2 + mpad // 2) * (2.0 / (mpad - 1)) - 1.0
+        gy = (py * 2 + mpad // 2) * (2.0 / (mpad - 1)) - 1.0
+        grid = torch.stack([gx, gy], dim=-1)[None].expand(ri.shape[0], -1, -1, -1)
+        v = F.grid_sample(ri, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return torch.complex(v[:, 0], v[:, 1])  # [B, R, Phi]
+
+    def score_grid(
+        self,
+        images: torch.Tensor,
+        ctf: torch.Tensor | None,
+        sigma2: torch.Tensor | float,
+        grid: SO3Grid,
+        shifts_px: torch.Tensor | None = None,
+        *,
+        inplane_fft: bool | None = None,
+    ) -> torch.Tensor:
+        """Log-likelihoods for every rotation of a grid and every shift.
+
+        Parameters
+        ----------
+        images, ctf, sigma2
+            As in :meth:`score_rotations`.
+        grid : SO3Grid
+            Rotation grid; ``G`` follows ``grid.matrices``.
+        shifts_px : torch.Tensor, optional
+            ``[T, 2]`` candidate shifts ``(x, y)`` in pixels (None: the zero shift only).
+        inplane_fft : bool, optional
+            Use the polar in-plane FFT path (default: when the grid has more than one in-plane
+            angle) or the dense path.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, G, T]`` log-likelihoods (same per-image constant as :meth:`score_rotations`).
+        """
+        use_fft = grid.n_inplane > 1 if inplane_fft is None else inplane_fft
+        if not use_fft:
+            return self.score_rotations(images, ctf, sigma2, grid.matrices, shifts_px)
+        y, c, w, const = self._prepare(images, ctf, sigma2)
+        b = y.shape[0]
+        shifts = self._shifts(shifts_px, b)
+        if shifts.ndim != 2:
+            raise ValueError("shifts_px: score_grid takes shared [T, 2] shifts")
+        n_t = shifts.shape[0]
+        n_d, n_p = grid.n_directions, grid.n_inplane
+        mats = grid.matrices.to(device=self.device, dtype=torch.float64).reshape(n_d, n_p, 3, 3)
+        psi0 = torch.deg2rad(grid.euler_deg.to(device=self.device, dtype=torch.float64)
+                             .reshape(n_d, n_p, 3)[:, 0, 2])
+        base = mats[:, 0] @ _rz(psi0).transpose(-1, -2)  # [D, 3, 3]
+        step = 2 * math.pi / n_p
+        phase = float(psi0[0]) / step  # in-plane offset in grid steps (same for all d)
+
+        m_max = self._m_max
+        n_phi = n_p * max(1, math.ceil((2 * m_max + 2) / n_p))
+        px, py = self._polar_points(n_phi)
+        n_r = px.shape[0]
+        dphi = 2 * math.pi / n_phi
+        # Template polar FTs over phi, m = 0..M: [M+1, R, D] (cross) and even m (norm).
+        ms = torch.arange(m_max + 1, device=self.device)
+        even = ms[::2]
+        pts = torch.stack([px, py, torch.zeros_like(px)], dim=-1)  # [R, Phi, 3]
+        key = (id(grid.matrices), n_d, n_p, n_phi)
+        if self._template_cache is not None and self._template_cache[0] == key:
+            tcross, tnorm = self._template_cache[1], self._template_cache[2]
+        else:
+            tcross, tnorm = self._polar_templates(base, pts, m_max, even, n_phi)
+            self._template_cache = (key, tcross, tnorm, grid.matrices)
+        # Image side, polar, weights (area, 1/(N^2 sigma2(shell)) on the full plane).
+        ring_w = (self._ring_area * dphi)[None, :]  # [1, R]
+        s2inv = self._ring_inv_var(sigma2, b)  # [B, R]
+        wr = s2inv * ring_w  # [B, R]
+        spec = torch.conj(y) * (c if c is not None else 1.0)
+        out = torch.empty(b, n_d, n_p, n_t, dtype=self.dtype, device=self.device)
+        shift_ph = self._shift_phase(shifts, px, py).reshape(n_t, n_r, n_phi)
+        per_image = n_r * n_phi * 8 * (3 + 2 * n_t) + (m_max + 1) * n_d * 8 * (n_t + 1) * 2
+        bc = self._chunk(per_image, b)
+        fold_phase = torch.exp(2j * math.pi * ms.double() * phase / n_p).to(self.cdtype)
+        wm = torch.full((m_max + 1,), 2.0, dtype=torch.float64, device=self.device)
+        wm[0] = 1.0
+        coef = wm.to(self.cdtype) * fold_phase / n_phi
+        for s in range(0, b, bc):
+            ap = self._interp_polar(spec[s : s + bc], px, py) * wr[s : s + bc, :, None]
+            at = ap[:, None] * shift_ph[None]  # [Bc, T, R, Phi]
+            af = torch.fft.ifft(at, dim=-1, norm="forward")[..., : m_max + 1]  # a_{-m}
+            bt = at.shape[0] * n_t
+            af = af.reshape(bt, n_r, m_max + 1).permute(2, 0, 1).contiguous()  # [M+1, BT, R]
+            af = af * coef[:, None, None]  # fold weights and in-plane phase, per m
+            cross = self._fold(torch.bmm(af, tcross), n_p)  # [BT, D, P]
+            if c is None:
+                # radial: only m = 0
+                qf = (wr[s : s + bc] * (-0.5 * n_phi)).to(self.cdtype)[None]  # [1, Bc, R]
+                n_e = 1
+            else:
+                csq = c[s : s + bc] ** 2
+                qp = self._interp_polar(csq.to(self.cdtype), px, py).real
+                qp = qp * wr[s : s + bc, :, None] * (-0.5)
+                qf = torch.fft.ifft(qp.to(self.cdtype), dim=-1, norm="forward")[..., even]
+                # keep the even angular frequencies that carry the astigmatic CTF
+                mag = qf.abs().amax(dim=(0, 1))
+                keep = torch.nonzero(mag > 1e-7 * mag[0]).reshape(-1)
+                n_e = int(keep.max()) + 1 if keep.numel() else 1
+                qf = qf[..., :n_e].permute(2, 0, 1).contiguous()  # [E, Bc, R]
+            qf = qf * coef[even[:n_e], None, None]
+            nm = torch.bmm(qf, tnorm[:n_e])  # [E, Bc, D], even m = 0, 2, ...
+            norm = self._fold(nm, n_p, stride=2)  # [Bc, D, P]
+            res = cross.reshape(-1, n_t, n_d, n_p) + norm[:, None]
+            out[s : s + bc] = res.permute(0, 2, 3, 1)
+        out = out.reshape(b, n_d * n_p, n_t)
+        return out + const[:, None, None]
+
+    def _polar_templates(self, base, pts, m_max, even, n_phi):
+        """Angular Fourier coefficients of the polar templates and of their squared moduli."""
+        n_d, n_r = base.shape[0], pts.shape[0]
+        tcross = torch.empty(m_max + 1, n_r, n_d, dtype=self.cdtype, device=self.device)
+        tnorm = torch.empty(even.numel(), n_r, n_d, dtype=self.cdtype, device=self.device)
+        dc = self._chunk(n_r * n_phi * 40, n_d)
+        for s in range(0, n_d, dc):
+            bs = base[s : s + dc].to(self.dtype)
+            q = torch.einsum("dij,rpj->drpi", bs, pts)
+            tp = self._sample_volume(q)  # [Dc, R, Phi]
+            tf = torch.fft.fft(tp, dim=-1)[..., : m_max + 1]
+            tcross[:, :, s : s + dc] = tf.permute(2, 1, 0)
+            nf = torch.fft.fft(tp.real**2 + tp.imag**2, dim=-1)[..., even]
+            tnorm[:, :, s : s + dc] = nf.permute(2, 1, 0)
+        return tcross, tnorm
+
+    def _ring_inv_var(self, sigma2: torch.Tensor | float, b: int) -> torch.Tensor:
+        n = self.box
+        s2 = torch.as_tensor(sigma2, dtype=self.dtype, device=self.device)
+        if s2.ndim == 0:
+            s2 = s2.expand(1, n // 2 + 1)
+        elif s2.ndim == 1:
+            s2 = s2[None]
+        return 1.0 / (s2.expand(b, -1)[:, self._ring_shell] * float(n * n))
+
+    @staticmethod
+    def _fold(cm: torch.Tensor, n_p: int, stride: int = 1) -> torch.Tensor:
+        """``Re sum_e cm[e] exp(2 pi i (stride e) j / P)``, j < P: ``[E, X, D] -> [X, D, P]``.
+
+        Angular frequencies ``m = stride * e`` are folded modulo ``P`` (exact at the grid's
+        ``P`` in-plane angles), then one length-``P`` inverse FFT.
+        """
+        folded = cm.new_zeros(n_p, *cm.shape[1:])
+        per = n_p // math.gcd(n_p, stride)  # rows of cm before the bins repeat
+        for s in range(0, cm.shape[0], per):
+            block = cm[s : s + per]
+            folded[(torch.arange(s, s + block.shape[0]) * stride) % n_p] += block
+        res = torch.fft.ifft(folded, dim=0, norm="forward").real
+        return res.permute(1, 2, 0)
