@@ -71,9 +71,11 @@ def error_vs_snr(
     """
     path = Path(path)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, values in figures.items():
-        a.plot(snrs, values["median_deg"], "o-", label=method)
-        b.plot(snrs, values["chordal_mse"], "o-", label=method)
+    styles = ["o-", "s--", "^:", "d-."]  # distinct, so identical curves (MLE = MAP) stay visible
+    for i, (method, values) in enumerate(figures.items()):
+        style = styles[i % len(styles)]
+        a.plot(snrs, values["median_deg"], style, label=method, markerfacecolor="none")
+        b.plot(snrs, values["chordal_mse"], style, label=method, markerfacecolor="none")
     for ax, label in ((a, "median geodesic error (deg)"), (b, "mean squared chordal error")):
         ax.set_xscale("log")
         ax.set_xlabel("SNR")
