@@ -30,6 +30,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_so3.py
+	$(BIN)/python bench/bench_simulate.py
+	$(BIN)/python bench/bench_scoring.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

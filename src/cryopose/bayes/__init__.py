@@ -5,6 +5,14 @@ Main entry point: :func:`cryopose.bayes.estimate.estimate_poses` (``cryopose est
 """
 
 from cryopose.bayes.estimate import OUTPUT_COLUMNS, EstimateConfig, EstimateResult, estimate_poses
+from cryopose.bayes.models import (
+    InPlaneEstimates,
+    SubtomogramScorer,
+    align_images_2d,
+    align_subtomograms,
+    align_volumes,
+    missing_wedge_mask,
+)
 from cryopose.bayes.noise import estimate_noise_sigma2
 from cryopose.bayes.posterior import PoseEstimates, summarize_posterior
 from cryopose.bayes.priors import (
@@ -17,6 +25,12 @@ from cryopose.bayes.priors import (
 from cryopose.bayes.scoring import ReferenceScorer, shift_grid
 
 __all__ = [
+    "InPlaneEstimates",
+    "SubtomogramScorer",
+    "align_images_2d",
+    "align_subtomograms",
+    "align_volumes",
+    "missing_wedge_mask",
     "OUTPUT_COLUMNS",
     "EmpiricalPrior",
     "EstimateConfig",

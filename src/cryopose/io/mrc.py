@@ -23,6 +23,7 @@ from typing import NamedTuple
 import mrcfile
 import numpy as np
 import torch
+from mrcfile.dtypes import HEADER_DTYPE
 
 from cryopose.io.errors import CryoposeInputError, input_error, require_file
 from cryopose.io.files import publish, temp_path
@@ -425,12 +426,21 @@ class MrcsWriter:
         self._max = -np.inf
         self._tmp = temp_path(self.path)
         try:
-            self._mrc = mrcfile.new_mmap(
-                self._tmp, shape=(self.n_total, self.box, self.box), mrc_mode=2, overwrite=True
-            )
-            self._mrc.set_image_stack()
-            self._mrc.voxel_size = pixel_size
-            _label(self._mrc)
+            # A header made by mrcfile for a one-image stack, patched to n_total images at
+            # close; the images are appended with plain writes (no memory map, so resident
+            # memory stays flat however large the stack: pages written are not held).
+            with mrcfile.new(self._tmp, overwrite=True) as mrc:
+                mrc.set_data(np.zeros((1, self.box, self.box), dtype=np.float32))
+                mrc.set_image_stack()
+                mrc.voxel_size = pixel_size
+                _label(mrc)
+            with open(self._tmp, "rb") as handle:
+                self._header = np.frombuffer(handle.read(1024), dtype=HEADER_DTYPE).copy()
+            if int(self._header["nsymbt"][0]) != 0:  # pragma: no cover - mrcfile never adds one
+                raise CryoposeInputError(f"{path}: unexpected extended header")
+            self._file = open(self._tmp, "r+b")  # noqa: SIM115 - closed in close()/abort()
+            self._file.truncate(1024)
+            self._file.seek(1024)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
@@ -461,7 +471,7 @@ class MrcsWriter:
             raise CryoposeInputError(
                 f"{self.path}: writing {k} more images would exceed n_total = {self.n_total}"
             )
-        self._mrc.data[self.n_written : self.n_written + k] = chunk
+        self._file.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
         if k:
             as64 = chunk.astype(np.float64)
             self._sum += float(as64.sum())
@@ -482,13 +492,15 @@ class MrcsWriter:
         try:
             count = self.n_total * self.box * self.box
             mean = self._sum / count
-            header = self._mrc.header
-            header.dmin = np.float32(self._min)
-            header.dmax = np.float32(self._max)
-            header.dmean = np.float32(mean)
-            header.rms = np.float32(np.sqrt(max(self._sum_sq / count - mean * mean, 0.0)))
-            self._mrc.flush()
-            self._mrc.close()
+            header = self._header
+            header["nz"] = self.n_total
+            header["dmin"] = np.float32(self._min)
+            header["dmax"] = np.float32(self._max)
+            header["dmean"] = np.float32(mean)
+            header["rms"] = np.float32(np.sqrt(max(self._sum_sq / count - mean * mean, 0.0)))
+            self._file.seek(0)
+            self._file.write(header.tobytes())
+            self._file.close()
             self._open = False
             publish(self._tmp, self.path)
         except BaseException:
@@ -499,7 +511,7 @@ class MrcsWriter:
         """Discard the partially written file."""
         if self._open:
             try:
-                self._mrc.close()
+                self._file.close()
             finally:
                 self._open = False
         self._tmp.unlink(missing_ok=True)

@@ -70,7 +70,7 @@ class SimulationConfig:
     seed : int
         The one seed.
     chunk_size : int or None
-        Particles per chunk (default: about 64 MB of images per chunk).
+        Particles per chunk (default: about 16 MB of images per chunk).
     """
 
     n: int = 1000
@@ -156,7 +156,8 @@ def load_reference(
 
 
 def _default_chunk(box: int) -> int:
-    return int(min(4096, max(16, 2**24 // (box * box))))
+    # about 16 MB of images per chunk: projection temporaries are several times that
+    return int(min(1024, max(16, 2**22 // (box * box))))
 
 
 def simulate_particles(
