@@ -29,7 +29,7 @@ from cryopose.imaging.ctf import ctf_2d
 from cryopose.io.errors import CryoposeInputError
 from cryopose.io.particles import ParticleImages, ParticleTable
 from cryopose.so3.distances import geodesic_distance
-from cryopose.so3.grids import SO3Grid, healpix_grid, local_grid
+from cryopose.so3.grids import SO3Grid, healpix_grid, local_grid_offsets
 from cryopose.so3.symmetry import point_group
 from cryopose.volumes.transform import resample_volume
 
@@ -63,6 +63,13 @@ class EstimateConfig:
         Number of local levels; each divides the step by ``refine_factor``.
     n_starts : int
         Distinct top candidates of the global posterior that refinement starts from.
+    fast_coarse_levels : bool
+        Score all refinement levels but the last with
+        :meth:`~cryopose.bayes.scoring.ReferenceScorer.score_local` (one projection per
+        viewing direction, in-plane offsets by 2D interpolation of the images): ~2.4x faster
+        refinement, identical on noiseless data, but on SNR 0.1 data a few multimodal
+        particles pick another mode (mean error 3.34 -> 3.63 deg on 192 particles); off by
+        default.
     shift_range_angstrom, shift_step_angstrom : float
         Translation search (disk of this radius, this step; step defaults to the pixel size).
     noise_sigma : "auto" or float
@@ -87,6 +94,7 @@ class EstimateConfig:
     refine_levels: int = 2
     refine_factor: float = 3.0
     n_starts: int = 3
+    fast_coarse_levels: bool = False
     shift_range_angstrom: float = 0.0
     shift_step_angstrom: float | None = None
     noise_sigma: str | float = "auto"
@@ -134,12 +142,31 @@ def _ball_volume(radius_rad: float) -> float:
     return (radius_rad - math.sin(radius_rad)) / math.pi
 
 
-def _local_offsets(radius_deg: float, step_deg: float, dtype, device) -> torch.Tensor:
-    """Offsets ``E`` (``R = C @ E``) of a local grid filling the geodesic ball of ``radius``."""
+def _local_offsets(radius_deg: float, step_deg: float, dtype, device):
+    """Offsets ``E`` (``R = C @ E``) of a local grid filling the geodesic ball of ``radius``.
+
+    Returns
+    -------
+    offsets : torch.Tensor
+        ``[L, 3, 3]`` kept offsets.
+    directions : torch.Tensor
+        ``[V, 3, 3]`` viewing-direction offsets ``W_v`` (in-plane angle 0).
+    inplane_rad : torch.Tensor
+        ``[P]`` in-plane angles: the full product is ``W_v @ Rz(inplane_j)``, flat ``v * P + j``.
+    keep : torch.Tensor
+        ``[L]`` flat indices of the kept offsets in the product.
+    """
+    grid = local_grid_offsets(radius_deg, radius_deg, step_deg, dtype=dtype, device=device)
+    offsets = grid.matrices.reshape(-1, 3, 3)
     eye = torch.eye(3, dtype=dtype, device=device)
-    offsets = local_grid(eye, radius_deg, radius_deg, step_deg).reshape(-1, 3, 3)
-    keep = geodesic_distance(offsets, eye) <= math.radians(radius_deg) + 1e-9
-    return offsets[keep]
+    keep = torch.nonzero(
+        geodesic_distance(offsets, eye) <= math.radians(radius_deg) + 1e-9
+    ).reshape(-1)
+    product = offsets.reshape(grid.n_directions, grid.n_inplane, 3, 3)
+    directions = product[:, grid.center_index]
+    rel = directions[0].transpose(-1, -2) @ product[0]  # Rz(inplane_j)
+    inplane = torch.atan2(rel[:, 1, 0], rel[:, 0, 0])
+    return offsets[keep], directions, inplane, keep
 
 
 class _Quadrature:
@@ -381,10 +408,20 @@ def _refine(
     radius_deg = grid.inplane_step_deg
     step_deg = radius_deg / config.refine_factor
     for level in range(config.refine_levels):
-        offsets = _local_offsets(radius_deg, step_deg, dtype, g.device)  # [L, 3, 3]
+        offsets, directions, inplane, keep = _local_offsets(radius_deg, step_deg, dtype, g.device)
         k = centres.shape[1]
         local = (centres[:, :, None] @ offsets).reshape(b, k * offsets.shape[0], 3, 3)
-        local_lik = scorer.score_rotations(images, ctf, sigma2, local.float(), shifts).double()
+        if config.fast_coarse_levels and level + 1 < config.refine_levels:
+            # coarse levels (they only place the next ball): one projection per viewing
+            # direction, the in-plane offsets rotate the image side (approximate, 2D interp.)
+            dirs = (centres[:, :, None] @ directions).reshape(b, -1, 3, 3)
+            local_lik = scorer.score_local(images, ctf, sigma2, dirs.float(), inplane, shifts)
+            local_lik = local_lik.reshape(b, k, -1, local_lik.shape[-1])[:, :, keep]
+            local_lik = local_lik.reshape(b, k * offsets.shape[0], -1).double()
+        else:
+            # the last level fixes the estimate: exact per-rotation slices
+            local_lik = scorer.score_rotations(images, ctf, sigma2, local.float(), shifts)
+            local_lik = local_lik.double()
         local_prior = prior.log_prior(local).to(device=g.device, dtype=dtype)
         quad.replace_ball(centres, math.radians(radius_deg), local, local_lik, local_prior)
         est = summarize_posterior(

@@ -320,6 +320,87 @@ class ReferenceScorer:
                 out[:, s : s + lc] = (cross + norm).transpose(1, 2)
         return out + const[:, None, None]
 
+    # ------------------------------------------------------------------ local in-plane path
+    def score_local(
+        self,
+        images: torch.Tensor,
+        ctf: torch.Tensor | None,
+        sigma2: torch.Tensor | float,
+        directions: torch.Tensor,
+        inplane_rad: torch.Tensor,
+        shifts_px: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-likelihoods for per-particle rotations ``directions[b, v] @ Rz(inplane[j])``.
+
+        Local refinement grids are products of viewing-direction offsets and in-plane
+        offsets. The slice of ``R = W Rz(theta)`` is ``X_W(Rz(theta) k)``, so the in-plane
+        offsets are applied to the image side instead: the image data ``conj(Y) C`` and
+        ``|C|^2`` are interpolated at ``Rz(-theta) k`` (2x zero padding, ``sinc^2`` gridding
+        correction, bilinear, as in the polar path) and the template ``X_W`` is projected once
+        per direction. This costs one 3D slice per direction instead of one per rotation; the
+        result approximates :meth:`score_rotations` to the accuracy of the 2D interpolation.
+
+        Parameters
+        ----------
+        images, ctf, sigma2
+            As in :meth:`score_rotations`.
+        directions : torch.Tensor
+            ``[B, V, 3, 3]`` per-particle rotations ``W`` (or ``[V, 3, 3]`` shared).
+        inplane_rad : torch.Tensor
+            ``[P]`` in-plane angles ``theta`` in radians (shared by all particles).
+        shifts_px : torch.Tensor, optional
+            ``[T, 2]`` shared candidate shifts in pixels (None: the zero shift only).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, V, P, T]`` log-likelihoods (same per-image constant as
+            :meth:`score_rotations`).
+        """
+        y, c, w, const = self._prepare(images, ctf, sigma2)
+        b = y.shape[0]
+        shifts = self._shifts(shifts_px, b)
+        if shifts.ndim != 2:
+            raise ValueError("shifts_px: score_local takes shared [T, 2] shifts")
+        rot = torch.as_tensor(directions, dtype=self.dtype, device=self.device)
+        if rot.ndim == 3:
+            rot = rot.expand(b, *rot.shape)
+        if rot.ndim != 4 or rot.shape[-2:] != (3, 3) or rot.shape[0] != b:
+            raise ValueError(f"directions: expected [V, 3, 3] or [B, V, 3, 3], got "
+                             f"{tuple(directions.shape)}")
+        theta = torch.as_tensor(inplane_rad, dtype=torch.float64, device=self.device)
+        if theta.ndim != 1:
+            raise ValueError(f"inplane_rad: expected [P] angles, got {tuple(theta.shape)}")
+        n_v, n_p, n_t = rot.shape[1], theta.shape[0], shifts.shape[0]
+        m = self._tmask
+        kx, ky = self._kx.double(), self._ky.double()
+        cos, sin = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
+        # Rz(-theta) k for every template sample k: [P, K]
+        rx = (cos * kx + sin * ky).to(self.dtype)
+        ry = (-sin * kx + cos * ky).to(self.dtype)
+        wk = w[:, m]  # [B, K] (rotation invariant: depends on |k| and the half-plane mult)
+        spec = torch.conj(y) * (c if c is not None else 1.0)
+        a = self._interp_polar(spec, rx, ry) * wk[:, None, :]  # [B, P, K]
+        if c is None:
+            q = (-0.5 * wk)[:, None, :].expand(b, n_p, -1)
+        else:
+            csq = self._interp_polar((c**2).to(self.cdtype), rx, ry).real
+            q = -0.5 * wk[:, None, :] * csq  # [B, P, K]
+        phase = self._shift_phase(shifts, rx, ry).reshape(n_t, n_p, -1)  # [T, P, K]
+        at = a[:, :, None] * phase.transpose(0, 1)[None]  # [B, P, T, K]
+        k = at.shape[-1]
+        left = torch.cat([at.real, -at.imag], dim=-1).reshape(b, n_p * n_t, 2 * k)
+        elem = 4 if self.dtype == torch.float32 else 8
+        vc = self._chunk(b * 3 * k * elem * 3, n_v)
+        out = torch.empty(b, n_v, n_p, n_t, dtype=self.dtype, device=self.device)
+        for s in range(0, n_v, vc):
+            x = self.projector.slices(rot[:, s : s + vc])[:, :, m]  # [B, Vc, K]
+            xr = torch.cat([x.real, x.imag], dim=-1).transpose(1, 2)  # [B, 2K, Vc]
+            cross = torch.bmm(left, xr).reshape(b, n_p, n_t, -1)
+            norm = torch.bmm(q, (x.real**2 + x.imag**2).transpose(1, 2))  # [B, P, Vc]
+            out[:, s : s + vc] = (cross + norm[:, :, None]).permute(0, 3, 1, 2)
+        return out + const[:, None, None, None]
+
     # ------------------------------------------------------------------ polar path
     def _polar_points(self, n_phi: int) -> tuple[torch.Tensor, torch.Tensor]:
         phi = torch.arange(n_phi, dtype=torch.float64, device=self.device) * (2 * math.pi / n_phi)
