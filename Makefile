@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_so3.py
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/bench_estimate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
