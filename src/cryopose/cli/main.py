@@ -15,7 +15,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # One module per command; each exposes one function registered here.
-    from cryopose.cli import compare, convert, demo, estimate, info, simulate
+    from cryopose.cli import compare, convert, demo, estimate, fsc, info, reconstruct, simulate
 
     app.command("demo")(demo.demo)
     app.command("simulate")(simulate.simulate)
@@ -23,6 +23,8 @@ def _register() -> None:
     app.command("compare")(compare.compare)
     app.command("info")(info.info)
     app.command("convert")(convert.convert)
+    app.command("reconstruct")(reconstruct.reconstruct)
+    app.command("fsc")(fsc.fsc)
 
 
 _register()

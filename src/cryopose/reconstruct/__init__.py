@@ -1,0 +1,17 @@
+"""Maps from particles: direct Fourier reconstruction (``docs/conventions.md``)."""
+
+from cryopose.reconstruct.fourier import (
+    FourierAccumulator,
+    Reconstruction,
+    half_subsets,
+    reconstruct_images,
+    reconstruct_particles,
+)
+
+__all__ = [
+    "FourierAccumulator",
+    "Reconstruction",
+    "half_subsets",
+    "reconstruct_images",
+    "reconstruct_particles",
+]
