@@ -130,3 +130,38 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="ctf_rfft_centred"):
         apply_ctf(torch.zeros(8, 8), torch.zeros(8, 8))
     assert math.isfinite(float(call(16).sum()))
+
+
+def test_ctf_from_params_equals_ctf_2d_and_applies_scale():
+    from cryopose.imaging import ctf_from_params
+
+    params = {
+        "defocus_u_angstrom": torch.tensor([15000.0, 9000.0]),
+        "defocus_v_angstrom": torch.tensor([14000.0, 8800.0]),
+        "defocus_angle_deg": torch.tensor([30.0, -60.0]),
+        "voltage_kv": torch.tensor([300.0, 200.0]),
+        "spherical_aberration_mm": torch.tensor([2.7, 1.4]),
+        "amplitude_contrast": torch.tensor([0.1, 0.07]),
+        "phase_shift_deg": torch.tensor([0.0, 90.0]),
+        "bfactor_angstrom2": torch.tensor([0.0, 50.0]),
+        "scale": torch.tensor([1.0, 0.5]),
+        "pixel_size_angstrom": torch.tensor([1.5, 1.5]),
+    }
+    got = ctf_from_params(params, 33)
+    for i in range(2):
+        expected = ctf_2d(
+            defocus_u_angstrom=float(params["defocus_u_angstrom"][i]),
+            defocus_v_angstrom=float(params["defocus_v_angstrom"][i]),
+            defocus_angle_deg=float(params["defocus_angle_deg"][i]),
+            voltage_kv=float(params["voltage_kv"][i]),
+            cs_mm=float(params["spherical_aberration_mm"][i]),
+            amplitude_contrast=float(params["amplitude_contrast"][i]),
+            phase_shift_deg=float(params["phase_shift_deg"][i]),
+            bfactor=float(params["bfactor_angstrom2"][i]),
+            pixel_size_angstrom=1.5,
+            box=33,
+        )
+        assert torch.allclose(got[i], float(params["scale"][i]) * expected, atol=1e-6)
+    params["pixel_size_angstrom"] = torch.tensor([1.5, 2.0])
+    with pytest.raises(ValueError, match="one pixel size"):
+        ctf_from_params(params, 33)

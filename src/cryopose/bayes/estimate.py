@@ -25,7 +25,7 @@ from cryopose.bayes.noise import estimate_noise_sigma2
 from cryopose.bayes.posterior import PoseEstimates, summarize_posterior
 from cryopose.bayes.priors import parse_prior
 from cryopose.bayes.scoring import ReferenceScorer, shift_grid
-from cryopose.imaging.ctf import ctf_2d
+from cryopose.imaging.ctf import ctf_from_params
 from cryopose.io.errors import CryoposeInputError
 from cryopose.io.particles import ParticleImages, ParticleTable
 from cryopose.so3.distances import geodesic_distance
@@ -217,27 +217,14 @@ class _Quadrature:
         self.log_prior = torch.cat([self.log_prior, log_prior], dim=1)
 
 
-def _ctf_batch(table: ParticleTable, rows: np.ndarray, box: int, device) -> torch.Tensor | None:
-    if not table.has_ctf:
+def _ctf_batch(
+    ctf_params: dict[str, torch.Tensor] | None, rows: np.ndarray, box: int, device
+) -> torch.Tensor | None:
+    if ctf_params is None:
         return None
-    p = table.subset(rows).ctf_params(dtype=torch.float32, device=device)
-    return (
-        ctf_2d(
-            defocus_u_angstrom=p["defocus_u_angstrom"],
-            defocus_v_angstrom=p["defocus_v_angstrom"],
-            defocus_angle_deg=p["defocus_angle_deg"],
-            voltage_kv=p["voltage_kv"],
-            cs_mm=p["spherical_aberration_mm"],
-            amplitude_contrast=p["amplitude_contrast"],
-            phase_shift_deg=p["phase_shift_deg"],
-            bfactor=p["bfactor_angstrom2"],
-            pixel_size_angstrom=float(p["pixel_size_angstrom"][0]),
-            box=box,
-            dtype=torch.float32,
-            device=device,
-        )
-        * p["scale"][:, None, None]
-    )
+    index = torch.from_numpy(rows)
+    batch = {k: v[index] for k, v in ctf_params.items()}
+    return ctf_from_params(batch, box, dtype=torch.float32, device=device)
 
 
 def _prepare_reference(volume: torch.Tensor, volume_pixel_size: float, box: int, px: float):
@@ -308,6 +295,7 @@ def estimate_poses(
 
     n = len(table)
     rows_all = np.arange(n)
+    ctf_params = table.ctf_params(dtype=torch.float32) if table.has_ctf else None
     with ParticleImages(table) as reader:
         # noise model
         if config.noise_sigma == "auto":
@@ -318,7 +306,9 @@ def estimate_poses(
             sigma2 = torch.full((box // 2 + 1,), float(config.noise_sigma) ** 2, device=device)
 
         if getattr(prior, "requires_fit", False):
-            prior = _fit_empirical(prior, reader, table, scorer, grid, sigma2, shifts, config)
+            prior = _fit_empirical(
+                prior, reader, table, ctf_params, scorer, grid, sigma2, shifts, config
+            )
         log_prior_grid = prior.log_prior(grid.matrices.double()).to(device)
 
         global_parts: list[PoseEstimates] = []
@@ -326,7 +316,7 @@ def estimate_poses(
         for b0 in range(0, n, config.batch_size):
             rows = rows_all[b0 : b0 + config.batch_size]
             images = reader.read(rows).to(device)
-            ctf = _ctf_batch(table, rows, box, device)
+            ctf = _ctf_batch(ctf_params, rows, box, device)
             t0 = time.perf_counter()
             log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
             timings["score"] += time.perf_counter() - t0
@@ -444,14 +434,14 @@ def _refine(
     return est
 
 
-def _fit_empirical(prior, reader, table, scorer, grid, sigma2, shifts, config):
+def _fit_empirical(prior, reader, table, ctf_params, scorer, grid, sigma2, shifts, config):
     """First pass for the empirical prior: shift-marginalised log-likelihoods over the grid."""
     n = len(table)
     batches = []
     for b0 in range(0, n, config.batch_size):
         rows = np.arange(b0, min(n, b0 + config.batch_size))
         images = reader.read(rows).to(scorer.device)
-        ctf = _ctf_batch(table, rows, int(table.box), scorer.device)
+        ctf = _ctf_batch(ctf_params, rows, int(table.box), scorer.device)
         log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
         batches.append(torch.logsumexp(log_lik, dim=-1).cpu())
     return prior.learn(torch.cat(batches), grid)

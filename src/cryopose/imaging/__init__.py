@@ -5,7 +5,12 @@ and float64. Conventions (array centres, rotation ``R = A.T``, RELION's CTF and 
 ``docs/conventions.md``, section "Imaging".
 """
 
-from cryopose.imaging.ctf import apply_ctf, ctf_2d, electron_wavelength_angstrom
+from cryopose.imaging.ctf import (
+    apply_ctf,
+    ctf_2d,
+    ctf_from_params,
+    electron_wavelength_angstrom,
+)
 from cryopose.imaging.fft import (
     fft2_centred,
     fftn_centred,
@@ -39,6 +44,7 @@ __all__ = [
     "backproject",
     "backproject_slices",
     "ctf_2d",
+    "ctf_from_params",
     "apply_ctf",
     "electron_wavelength_angstrom",
     "shift_images",

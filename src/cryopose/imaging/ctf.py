@@ -18,12 +18,14 @@ float32, so it is not used).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from cryopose.imaging.fft import frequency_grid_2d, irfft2_centred, rfft2_centred
 
-__all__ = ["electron_wavelength_angstrom", "ctf_2d", "apply_ctf"]
+__all__ = [
+    "ctf_from_params","electron_wavelength_angstrom", "ctf_2d", "apply_ctf"]
 
 _Number = float | torch.Tensor
 
@@ -174,3 +176,51 @@ def apply_ctf(images: torch.Tensor, ctf_rfft_centred: torch.Tensor) -> torch.Ten
             f"got {tuple(ctf_rfft_centred.shape)}"
         )
     return irfft2_centred(rfft2_centred(images) * ctf_rfft_centred, box)
+
+
+def ctf_from_params(
+    params: Mapping[str, torch.Tensor],
+    box: int,
+    *,
+    pixel_size_angstrom: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """RELION CTFs ``[B, N, N // 2 + 1]`` (centred rfft layout) from per-particle parameters.
+
+    Parameters
+    ----------
+    params : mapping of str to torch.Tensor
+        ``[B]`` tensors keyed as :meth:`cryopose.io.ParticleTable.ctf_params` returns them:
+        ``defocus_u_angstrom``, ``defocus_v_angstrom``, ``defocus_angle_deg``, ``voltage_kv``,
+        ``spherical_aberration_mm``, ``amplitude_contrast``, ``phase_shift_deg``,
+        ``bfactor_angstrom2``, ``scale`` (multiplies the CTF) and ``pixel_size_angstrom``.
+    box : int
+        Image side N in pixels.
+    pixel_size_angstrom : float, optional
+        Overrides ``params["pixel_size_angstrom"]`` (which must then be constant).
+    dtype, device
+        Output dtype and device (default: those of the parameters).
+    """
+    p = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in params.items()}
+    px = pixel_size_angstrom
+    if px is None:
+        sizes = p["pixel_size_angstrom"]
+        px = float(sizes.reshape(-1)[0])
+        if not bool(torch.all(sizes == px)):
+            raise ValueError("pixel_size_angstrom: expected one pixel size for the batch")
+    ctf = ctf_2d(
+        defocus_u_angstrom=p["defocus_u_angstrom"],
+        defocus_v_angstrom=p["defocus_v_angstrom"],
+        defocus_angle_deg=p["defocus_angle_deg"],
+        voltage_kv=p["voltage_kv"],
+        cs_mm=p["spherical_aberration_mm"],
+        amplitude_contrast=p["amplitude_contrast"],
+        phase_shift_deg=p["phase_shift_deg"],
+        bfactor=p["bfactor_angstrom2"],
+        pixel_size_angstrom=px,
+        box=box,
+        dtype=dtype,
+        device=device,
+    )
+    return ctf * p["scale"][..., None, None]

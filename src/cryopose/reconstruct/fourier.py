@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from cryopose.evaluate.fsc import FSCResult, fourier_shell_correlation, fsc
-from cryopose.imaging.ctf import ctf_2d
+from cryopose.imaging.ctf import ctf_from_params
 from cryopose.imaging.fft import ifftn_centred, rfft2_centred
 from cryopose.imaging.shifts import phase_shift_fourier
 from cryopose.io import ParticleImages, ParticleTable
@@ -551,20 +551,7 @@ def reconstruct_particles(
             ctf = None
             if ctf_params is not None:
                 p = {k: v[rows].to(device=device, dtype=dtype) for k, v in ctf_params.items()}
-                ctf = ctf_2d(
-                    defocus_u_angstrom=p["defocus_u_angstrom"],
-                    defocus_v_angstrom=p["defocus_v_angstrom"],
-                    defocus_angle_deg=p["defocus_angle_deg"],
-                    voltage_kv=p["voltage_kv"],
-                    cs_mm=p["spherical_aberration_mm"],
-                    amplitude_contrast=p["amplitude_contrast"],
-                    phase_shift_deg=p["phase_shift_deg"],
-                    bfactor=p["bfactor_angstrom2"],
-                    pixel_size_angstrom=px,
-                    box=box,
-                    dtype=dtype,
-                    device=device,
-                ) * p["scale"][:, None, None]
+                ctf = ctf_from_params(p, box, pixel_size_angstrom=px, dtype=dtype, device=device)
             rot = _symmetry_rotations(rotations[rows].to(device=device, dtype=dtype), sym)
             w = None if weights is None else weights[rows].to(device=device, dtype=dtype)
             for h, acc in zip((1, 2), accs, strict=True):
