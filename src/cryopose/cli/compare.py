@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cryopose.cli._common import fail
-from cryopose.evaluate.compare import ALIGN_MODES, compare_star_files
 
 
 def compare(
@@ -29,6 +28,8 @@ def compare(
 
     Rows are joined by rlnImageName (by row order, with a warning, when names are missing).
     """
+    from cryopose.evaluate.compare import ALIGN_MODES, compare_star_files
+
     if align not in ALIGN_MODES:
         fail(f"--align: expected one of {', '.join(ALIGN_MODES)}, got {align!r}")
     err = Console(stderr=True)

@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 
 from cryopose.cli._common import fail
-from cryopose.io.particles import read_particles
-from cryopose.io.star import write_star
 
 
 def convert(
@@ -26,6 +24,9 @@ def convert(
     cryoSPARC poses become RELION Euler angles, shifts become rlnOriginX/YAngst (shift times
     blob/psize_A), CTF angles become degrees (docs/conventions.md, "Files").
     """
+    from cryopose.io.particles import read_particles
+    from cryopose.io.star import write_star
+
     if output.suffix.lower() != ".star":
         fail(f"{output}: output must be a .star file")
     try:

@@ -9,12 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cryopose.bayes.estimate import EstimateConfig
 from cryopose.cli._common import fail
-from cryopose.evaluate.snr_sweep import METHODS, snr_sweep
-from cryopose.io.mrc import ParticleStack
-from cryopose.plots import error_histograms, error_vs_snr, particle_montage
-from cryopose.simulate import SimulationConfig, simulate_particles
 
 
 def demo(
@@ -29,6 +24,12 @@ def demo(
     """Simulate 80S ribosome particles at several SNRs, estimate their poses by MLE, MAP and
     MMSE, and compare with the truth: a table, error histograms, error against SNR, and a
     montage of clean and noisy particles, all in DIR."""
+    from cryopose.bayes.estimate import EstimateConfig
+    from cryopose.evaluate.snr_sweep import METHODS, snr_sweep
+    from cryopose.io.mrc import ParticleStack
+    from cryopose.plots import error_histograms, error_vs_snr, particle_montage
+    from cryopose.simulate import SimulationConfig, simulate_particles
+
     try:
         snr_values = [float(s) for s in snrs.split(",") if s.strip()]
     except ValueError:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 from rich.console import Console
 
-from cryopose.bayes.estimate import EstimateConfig, estimate_poses
 from cryopose.cli._common import fail, particle_progress
-from cryopose.io import read_particles, read_volume, write_star
 
 
 def estimate(
@@ -36,6 +33,11 @@ def estimate(
     """Posterior over rotations (and shifts) per particle; MMSE, MAP or MLE poses with
     uncertainty (rlnMaxValueProbDistribution, rlnCryoposeExpectedLoss,
     rlnCryoposeCredibleRadiusDeg, rlnCryoposeMassOutside20Deg)."""
+    import torch
+
+    from cryopose.bayes.estimate import EstimateConfig, estimate_poses
+    from cryopose.io import read_particles, read_volume, write_star
+
     config = EstimateConfig(
         method=method,
         prior=prior,

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cryopose.cli._common import fail
-from cryopose.io.summary import describe_file
 
 
 def _fmt(value: object) -> str:
@@ -26,6 +25,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Particle count, box, pixel size, optics groups, pose and CTF fields and their ranges."""
+    from cryopose.io.summary import describe_file
+
     try:
         summary = describe_file(file)
     except (OSError, ValueError) as exc:

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 
 from cryopose.cli._common import fail, particle_progress
-from cryopose.simulate import SimulationConfig, simulate_particles
 
 
 def parse_snr(text: str) -> float:
@@ -51,6 +50,8 @@ def simulate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Simulate particles with known poses: DIR/particles.mrcs, particles.star, reference.mrc."""
+    from cryopose.simulate import SimulationConfig, simulate_particles
+
     config = SimulationConfig(
         n=n,
         box=box,
