@@ -195,10 +195,11 @@ class _Quadrature:
         """Drop points within ``radius`` of each centre ``[B, K, 3, 3]``; add ``rotations``
         ``[B, K*L, 3, 3]`` (L per centre) with weight ball-volume / L each."""
         b, k = centres.shape[:2]
-        inside = torch.zeros(self.log_weights.shape, dtype=torch.bool, device=centres.device)
-        for j in range(k):
-            d = geodesic_distance(centres[:, j, None], self.rotations)
-            inside |= d < radius_rad
+        flat_centres = centres.reshape(b, k, 9)
+        # d(C, R) < r  <=>  tr(C^T R) > 1 + 2 cos r: one batched GEMM for all centres
+        threshold = 1.0 + 2.0 * math.cos(radius_rad)
+        traces = torch.bmm(self.rotations.reshape(b, -1, 9), flat_centres.transpose(1, 2))
+        inside = (traces > threshold).any(dim=-1)
         self.log_weights = self.log_weights.masked_fill(inside, -math.inf)
         per_centre = rotations.shape[1] // k
         log_w = math.log(_ball_volume(radius_rad) / per_centre)
@@ -206,11 +207,11 @@ class _Quadrature:
             rotations.shape[:2], log_w, dtype=self.log_weights.dtype, device=self.log_weights.device
         )
         # overlapping balls: a new point inside an earlier-listed ball of this level is dropped
-        for j in range(k):
-            block = slice(j * per_centre, (j + 1) * per_centre)
-            for i in range(j):
-                d = geodesic_distance(centres[:, i, None], rotations[:, block])
-                new_w[:, block] = new_w[:, block].masked_fill(d < radius_rad, -math.inf)
+        new_traces = torch.bmm(rotations.reshape(b, -1, 9), flat_centres.transpose(1, 2))
+        owner = torch.arange(k, device=rotations.device).repeat_interleave(per_centre)  # [K*L]
+        earlier = torch.arange(k, device=rotations.device)[None, :] < owner[:, None]  # [K*L, K]
+        overlap = ((new_traces > threshold) & earlier[None]).any(dim=-1)
+        new_w = new_w.masked_fill(overlap, -math.inf)
         self.rotations = torch.cat([self.rotations, rotations], dim=1)
         self.log_lik = torch.cat([self.log_lik, log_lik], dim=1)
         self.log_weights = torch.cat([self.log_weights, new_w], dim=1)
