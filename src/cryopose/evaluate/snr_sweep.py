@@ -17,6 +17,7 @@ from cryopose.evaluate.compare import PoseComparison, compare_poses
 from cryopose.io.particles import read_particles
 from cryopose.io.star import write_star
 from cryopose.simulate.particles import SimulationConfig, load_reference, simulate_particles
+from cryopose.so3.distances import chordal_from_geodesic
 
 __all__ = ["SweepRow", "snr_sweep"]
 
@@ -106,7 +107,7 @@ def snr_sweep(
             )
             errors[method] = torch.as_tensor(comparisons[method].errors_deg)
         mmse_err = torch.deg2rad(errors["mmse"])
-        squared_chordal = (2 * 2**0.5 * torch.sin(mmse_err / 2)) ** 2
+        squared_chordal = chordal_from_geodesic(mmse_err) ** 2
         loss = estimate.estimates.expected_loss.double()
         rows.append(
             SweepRow(
