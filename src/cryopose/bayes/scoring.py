@@ -521,14 +521,29 @@ class ReferenceScorer:
         wm = torch.full((m_max + 1,), 2.0, dtype=torch.float64, device=self.device)
         wm[0] = 1.0
         coef = wm.to(self.cdtype) * fold_phase / n_phi
+        real_dtype = self.dtype
         for s in range(0, b, bc):
             ap = self._interp_polar(spec[s : s + bc], px, py) * wr[s : s + bc, :, None]
             at = ap[:, None] * shift_ph[None]  # [Bc, T, R, Phi]
             af = torch.fft.ifft(at, dim=-1, norm="forward")[..., : m_max + 1]  # a_{-m}
             bt = at.shape[0] * n_t
-            af = af.reshape(bt, n_r, m_max + 1).permute(2, 0, 1).contiguous()  # [M+1, BT, R]
+            af = af.reshape(bt, n_r, m_max + 1).permute(2, 0, 1)  # [M+1, BT, R]
             af = af * coef[:, None, None]  # fold weights and in-plane phase, per m
-            cross = self._fold(torch.bmm(af, tcross), n_p)  # [BT, D, P]
+            # Real GEMM on interleaved (re, im) pairs: [M+1, BT, 2R] @ [M+1, 2R, 2D] gives the
+            # complex products interleaved; frequencies m = j (mod P) accumulate in place
+            # (baddbmm), so the [M+1, BT, D] products are never stored.
+            left = torch.view_as_real(af).reshape(m_max + 1, bt, 2 * n_r)
+            folded = torch.empty(n_p, bt, 2 * n_d, dtype=real_dtype, device=self.device)
+            for m0 in range(0, m_max + 1, n_p):
+                rows = min(n_p, m_max + 1 - m0)
+                if m0 == 0:
+                    torch.bmm(left[:rows], tcross[:rows], out=folded[:rows])
+                    if rows < n_p:
+                        folded[rows:].zero_()
+                else:
+                    folded[:rows].baddbmm_(left[m0 : m0 + rows], tcross[m0 : m0 + rows])
+            folded_c = torch.view_as_complex(folded.reshape(n_p, bt, n_d, 2))
+            cross = torch.fft.ifft(folded_c, dim=0, norm="forward").real  # [P, BT, D]
             if c is None:
                 # radial: only m = 0
                 qf = (wr[s : s + bc] * (-0.5 * n_phi)).to(self.cdtype)[None]  # [1, Bc, R]
@@ -546,26 +561,48 @@ class ReferenceScorer:
             qf = qf * coef[even[:n_e], None, None]
             nm = torch.bmm(qf, tnorm[:n_e])  # [E, Bc, D], even m = 0, 2, ...
             norm = self._fold(nm, n_p, stride=2)  # [Bc, D, P]
-            res = cross.reshape(-1, n_t, n_d, n_p) + norm[:, None]
-            out[s : s + bc] = res.permute(0, 2, 3, 1)
+            nb = norm.shape[0]
+            # out[b, d, j, t] = cross[j, b * T + t, d] + norm[b, d, j]
+            torch.add(
+                cross.reshape(n_p, nb, n_t, n_d).permute(1, 3, 0, 2),
+                norm[..., None],
+                out=out[s : s + bc],
+            )
         out = out.reshape(b, n_d * n_p, n_t)
         return out + const[:, None, None]
 
     def _polar_templates(self, base, pts, m_max, even, n_phi):
         """Angular Fourier coefficients of the polar templates and of their squared moduli."""
         n_d, n_r = base.shape[0], pts.shape[0]
-        tcross = torch.empty(m_max + 1, n_r, n_d, dtype=self.cdtype, device=self.device)
+        # cross templates as real interleaved blocks [M+1, R, 2, 2D] (viewed [M+1, 2R, 2D])
+        tcross = torch.empty(m_max + 1, n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
         tnorm = torch.empty(even.numel(), n_r, n_d, dtype=self.cdtype, device=self.device)
         dc = self._chunk(n_r * n_phi * 40, n_d)
         for s in range(0, n_d, dc):
             bs = base[s : s + dc].to(self.dtype)
-            q = torch.einsum("dij,rpj->drpi", bs, pts)
-            tp = self._sample_volume(q)  # [Dc, R, Phi]
-            tf = torch.fft.fft(tp, dim=-1)[..., : m_max + 1]
-            tcross[:, :, s : s + dc] = tf.permute(2, 1, 0)
+            if n_phi % 2 == 0:
+                # Friedel: the point at phi + pi is -q and V(-q) = conj(V(q)) (real volume)
+                half = n_phi // 2
+                q = torch.einsum("dij,rpj->drpi", bs, pts[:, :half])
+                first = self._sample_volume(q)  # [Dc, R, Phi / 2]
+                tp = torch.cat([first, first.conj()], dim=-1)
+            else:
+                q = torch.einsum("dij,rpj->drpi", bs, pts)
+                tp = self._sample_volume(q)  # [Dc, R, Phi]
+            tf = torch.fft.fft(tp, dim=-1)[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
+            tr, ti = tf.real, tf.imag
+            # rows (r, re/im of the image coefficient), columns (d, re/im of the product):
+            # (a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i + a_i t_r)
+            block = tcross[:, :, :, 2 * s : 2 * (s + tf.shape[-1])].view(
+                m_max + 1, n_r, 2, -1, 2
+            )
+            block[:, :, 0, :, 0] = tr
+            block[:, :, 0, :, 1] = ti
+            block[:, :, 1, :, 0] = -ti
+            block[:, :, 1, :, 1] = tr
             nf = torch.fft.fft(tp.real**2 + tp.imag**2, dim=-1)[..., even]
             tnorm[:, :, s : s + dc] = nf.permute(2, 1, 0)
-        return tcross, tnorm
+        return tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d), tnorm
 
     def _ring_inv_var(self, sigma2: torch.Tensor | float, b: int) -> torch.Tensor:
         n = self.box
