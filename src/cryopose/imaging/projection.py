@@ -25,12 +25,13 @@ ours (its ``project_3d_to_2d`` agrees with :func:`project` for even boxes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from cryopose.imaging.fft import fftn_centred, irfft2_centred
+from cryopose.imaging.fft import fftn_centred, ifftn_centred, irfft2_centred
 
 __all__ = ["Projector", "project", "backproject", "backproject_slices"]
 
@@ -116,6 +117,71 @@ class Projector:
         self._mask = gx**2 + gy**2 < (box / 2) ** 2
         self._kx = gx[self._mask]
         self._ky = gy[self._mask]
+        self._grad_ri: torch.Tensor | None = None
+
+    def _gradient_volumes(self) -> torch.Tensor:
+        """``[1, 8, M, M, M]``: (re, im) of ``V`` and of ``dV/dq_x``, ``dV/dq_y``, ``dV/dq_z``."""
+        if self._grad_ri is None:
+            ft = torch.view_as_complex(self._ft_ri[0].permute(1, 2, 3, 0).contiguous())
+            padded = ifftn_centred(ft, ndim=3).real  # the (gridding-corrected) padded volume
+            m = self.padded_box
+            # V(q) = sum_x p(x) exp(-2 pi i q.(x - M//2) / N): dV/dq_j is the transform of
+            # p(x) * (-2 pi i (x_j - M//2) / N); array axes are [z, y, x].
+            pos = (torch.arange(m, dtype=self.dtype, device=self.device) - m // 2) / self.box
+            channels = [ft]
+            for axis in (2, 1, 0):  # q_x, q_y, q_z
+                shape = [1, 1, 1]
+                shape[axis] = m
+                weighted = padded * (pos.reshape(shape) * (-2j * math.pi))
+                channels.append(fftn_centred(weighted, ndim=3))
+            stacked = torch.stack([torch.view_as_real(c) for c in channels])  # [4, M, M, M, 2]
+            self._grad_ri = stacked.permute(0, 4, 1, 2, 3).reshape(1, 8, m, m, m).contiguous()
+        return self._grad_ri
+
+    def sample_with_gradient(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The volume's transform and its gradient at arbitrary frequencies.
+
+        Parameters
+        ----------
+        points : torch.Tensor
+            ``[..., 3]`` frequencies ``q = (q_x, q_y, q_z)`` in Fourier pixels of the N box (the
+            slice of pose ``R`` samples ``q = R (k_x, k_y, 0)``).
+
+        Returns
+        -------
+        values : torch.Tensor
+            ``[...]`` complex ``V(q)`` (as in :meth:`slices`).
+        gradient : torch.Tensor
+            ``[..., 3]`` complex ``dV/dq`` per Fourier pixel: the padded transform of
+            ``-2 pi i (x / N) v(x)``, interpolated trilinearly like the values (so it is the
+            interpolated derivative, not the derivative of the interpolant).
+        """
+        shape = points.shape[:-1]
+        v = self.sample_with_gradient_ri(points).reshape(4, 2, -1)
+        c = torch.complex(v[:, 0], v[:, 1])  # [4, P]
+        return c[0].reshape(shape), c[1:].T.reshape(*shape, 3)
+
+    def sample_with_gradient_ri(self, points: torch.Tensor) -> torch.Tensor:
+        """:meth:`sample_with_gradient` as one real tensor ``[4, 2, ...]``: (value, d/dq_x,
+        d/dq_y, d/dq_z) x (real, imaginary) at ``points`` ``[..., 3]``."""
+        volumes = self._gradient_volumes()
+        m = self.padded_box
+        shape = points.shape[:-1]
+        index = points.to(self.dtype).reshape(-1, 3) * (m / self.box) + m // 2
+        grid = index * (2.0 / (m - 1)) - 1.0
+        sampled = []
+        for s in range(0, grid.shape[0], _MAX_POINTS_PER_CHUNK):
+            sampled.append(
+                F.grid_sample(
+                    volumes,
+                    grid[s : s + _MAX_POINTS_PER_CHUNK].reshape(1, 1, 1, -1, 3),
+                    mode="bilinear",
+                    padding_mode="zeros",
+                    align_corners=True,
+                )[0, :, 0, 0, :]
+            )
+        v = torch.cat(sampled, dim=-1) if sampled else volumes.new_zeros(8, 0)
+        return v.reshape(4, 2, *shape)
 
     def slices(self, rotations: torch.Tensor) -> torch.Tensor:
         """Central slices: the centred rfft of the projection images.
