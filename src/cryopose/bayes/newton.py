@@ -157,10 +157,15 @@ def gauss_newton_poses(
         wk = w_all if sel is None else w_all[:, sel]
         ck = c_all if (c_all is None or sel is None) else c_all[:, sel]
         # The shift phase goes on the data (|phase| = 1): r = y conj(phase) - C X(q).
-        phase = (2.0 * math.pi / scorer.box) * (shifts[..., 0:1] * kx + shifts[..., 1:2] * ky)
-        cos, sin = torch.cos(phase), torch.sin(phase)  # [B, K, P]
         yr, yi = yk.real[:, None, :], yk.imag[:, None, :]
-        data_r, data_i = yr * cos - yi * sin, yr * sin + yi * cos
+        if shifts_px is None:
+            data_r, data_i = yr, yi
+        else:
+            phase = (2.0 * math.pi / scorer.box) * (
+                shifts[..., 0:1] * kx + shifts[..., 1:2] * ky
+            )
+            cos, sin = torch.cos(phase), torch.sin(phase)  # [B, K, P]
+            data_r, data_i = yr * cos - yi * sin, yr * sin + yi * cos
         ctf_k = ck[:, None, :] if ck is not None else None
         # template and its gradient at q = R (kx, ky, 0)
         q = current[..., None, :, 0] * kx[:, None] + current[..., None, :, 1] * ky[:, None]
