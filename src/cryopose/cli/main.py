@@ -16,6 +16,7 @@ app = typer.Typer(
 def _register() -> None:
     # One module per command; each exposes one function registered here.
     from cryopose.cli import compare, convert, demo, estimate, fsc, info, reconstruct, simulate
+    from cryopose.cli import refine as refine_cli
 
     app.command("demo")(demo.demo)
     app.command("simulate")(simulate.simulate)
@@ -25,6 +26,7 @@ def _register() -> None:
     app.command("convert")(convert.convert)
     app.command("reconstruct")(reconstruct.reconstruct)
     app.command("fsc")(fsc.fsc)
+    app.command("refine")(refine_cli.refine)
 
 
 _register()

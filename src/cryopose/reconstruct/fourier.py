@@ -176,7 +176,6 @@ class FourierAccumulator:
             raise ValueError(
                 f"rotations: expected [{b}, 3, 3] or [{b}, G, 3, 3], got {tuple(rotations.shape)}"
             )
-        g = rotations.shape[1]
         cdt = _complex_dtype(self.dtype)
         y = slices.to(device=self.device, dtype=cdt)[:, self._mask]  # [B, P]
         if ctf is None:
@@ -198,6 +197,65 @@ class FourierAccumulator:
             c_w = c
         num = c_w * y  # [B, P]
         den = c_w * c
+        self._insert_masked(num, den, rotations)
+        self.n_images += b
+
+    def insert_sums(
+        self,
+        numerator: torch.Tensor,
+        denominator: torch.Tensor,
+        rotations: torch.Tensor,
+        n_images: int = 0,
+    ) -> None:
+        """Insert precomputed numerator and denominator slices at their poses.
+
+        For EM with soft assignment: the slice of grid rotation ``R_g`` is the posterior-weighted
+        sum over images, ``numerator_g = sum_i p_ig C_i Y_i`` and ``denominator_g = sum_i p_ig
+        C_i^2``, inserted once. ``insert(Y, R, C, w)`` equals ``insert_sums(w C Y, w C^2, R)``.
+
+        Parameters
+        ----------
+        numerator : torch.Tensor
+            ``[B, N, N // 2 + 1]`` complex centred-rfft numerator slices.
+        denominator : torch.Tensor
+            ``[B, N, N // 2 + 1]`` real denominator slices (non-negative).
+        rotations : torch.Tensor
+            ``[B, 3, 3]`` or ``[B, G, 3, 3]`` cryopose rotations (as in :meth:`insert`).
+        n_images : int
+            Added to :attr:`n_images` (the slices themselves may sum many images).
+        """
+        n = self.box
+        expected = (n, n // 2 + 1)
+        if numerator.ndim != 3 or numerator.shape[-2:] != expected:
+            raise ValueError(
+                f"numerator: expected [B, {n}, {n // 2 + 1}] centred rfft, "
+                f"got {tuple(numerator.shape)}"
+            )
+        if denominator.shape != numerator.shape:
+            raise ValueError(
+                f"denominator: expected shape {tuple(numerator.shape)}, "
+                f"got {tuple(denominator.shape)}"
+            )
+        b = numerator.shape[0]
+        if rotations.ndim == 3:
+            rotations = rotations[:, None]
+        if rotations.ndim != 4 or rotations.shape[0] != b or rotations.shape[-2:] != (3, 3):
+            raise ValueError(
+                f"rotations: expected [{b}, 3, 3] or [{b}, G, 3, 3], got {tuple(rotations.shape)}"
+            )
+        cdt = _complex_dtype(self.dtype)
+        num = numerator.to(device=self.device, dtype=cdt)[:, self._mask]
+        den = denominator.to(device=self.device, dtype=self.dtype)[:, self._mask]
+        self._insert_masked(num, den, rotations)
+        self.n_images += int(n_images)
+
+    def _insert_masked(
+        self, num: torch.Tensor, den: torch.Tensor, rotations: torch.Tensor
+    ) -> None:
+        """Scatter ``[B, P]`` numerator / denominator values of the masked half-plane points
+        (and their Friedel mates) at ``[B, G, 3, 3]`` rotations."""
+        n = self.box
+        b, g = rotations.shape[:2]
         # Friedel mates (kx > 0): value conj(Y), coordinate -R k.
         num_all = torch.cat([num, num[:, self._mirror].conj()], dim=1)
         den_all = torch.cat([den, den[:, self._mirror]], dim=1)
@@ -218,7 +276,6 @@ class FourierAccumulator:
             self._scatter(
                 coords.reshape(-1, 3), num_all[idx].reshape(-1), den_all[idx].reshape(-1)
             )
-        self.n_images += b
 
     def add_(self, other: FourierAccumulator) -> FourierAccumulator:
         """Add another accumulator's sums into this one (same box, padding, dtype)."""
