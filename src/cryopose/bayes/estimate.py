@@ -57,11 +57,13 @@ class EstimateConfig:
     prior : str
         ``uniform``, ``iso-gaussian:ETA[@ROT,TILT,PSI]`` or ``empirical``.
     grid_order : int
-        HEALPix order of the global grid (2: 4,608 rotations, 15 degree in-plane step).
+        HEALPix order of the global grid (2: 4,608 rotations, 15 degree in-plane step; 3:
+        36,864, 7.5 degrees).
     local_refine : bool
         Refine on finer local grids around the top candidates.
     refine_levels : int
-        Number of local levels; each divides the step by ``refine_factor``.
+        Number of nested local grid levels before the Newton finish; each divides the step by
+        ``refine_factor`` (0: Newton straight from the global grid).
     n_starts : int
         Distinct top candidates of the global posterior that refinement starts from.
     fast_coarse_levels : bool
@@ -95,9 +97,9 @@ class EstimateConfig:
 
     method: str = "mmse"
     prior: str = "uniform"
-    grid_order: int = 2
+    grid_order: int = 3
     local_refine: bool = True
-    refine_levels: int = 2
+    refine_levels: int = 0
     refine_factor: float = 3.0
     n_starts: int = 3
     fast_coarse_levels: bool = False
@@ -117,6 +119,10 @@ class EstimateConfig:
             raise CryoposeInputError(f"--method: expected mmse, map or mle, got {self.method!r}")
         if not 0 <= self.grid_order <= 4:
             raise CryoposeInputError(f"--grid-order: expected 0..4, got {self.grid_order}")
+        if self.refine_levels < 0:
+            raise CryoposeInputError(f"--refine-levels: expected >= 0, got {self.refine_levels}")
+        if self.n_starts < 1:
+            raise CryoposeInputError(f"--starts: expected >= 1, got {self.n_starts}")
         if self.shift_range_angstrom < 0:
             raise CryoposeInputError("--shift-range: expected >= 0 Angstrom")
         if self.shift_step_angstrom is not None and self.shift_step_angstrom <= 0:
@@ -542,8 +548,9 @@ def _newton_finish(
         lik = scorer.score_rotations(images, ctf, sigma2, flat.float(), shifts).double()
     lp = prior.log_prior(flat).to(device=device, dtype=torch.float64)
     log_w = torch.where(torch.isfinite(log_w), log_w, -math.inf).reshape(b, k * 7)
+    first_new = quad.rotations.shape[1]
     quad.replace_ball(modes, radius, flat, lik, lp, log_weights=log_w, active=sharp)
-    return summarize_posterior(
+    est = summarize_posterior(
         quad.log_lik,
         quad.rotations,
         shifts,
@@ -553,6 +560,36 @@ def _newton_finish(
         n_candidates=config.n_starts,
         min_separation_deg=spacing_deg,
     )
+    # MLE / MAP: the best of the polished local maxima (all scored by the exact dense
+    # likelihood; the grid's values come from the in-plane FFT path and are not compared).
+    rows = torch.arange(b, device=device)
+    centre_lik = lik.reshape(b, k, 7, -1)[:, :, 0]  # [B, K, T]
+    centre_prior = lp.reshape(b, k, 7)[:, :, 0]
+    best_lik, t_mle = centre_lik.max(dim=-1)  # [B, K]
+    k_mle = best_lik.argmax(dim=1)
+    k_map = (best_lik + centre_prior).argmax(dim=1)
+    shift_values = None if shifts is None else shifts.to(device=device, dtype=torch.float64)
+    for name, k_best in (("mle", k_mle), ("map", k_map)):
+        setattr(est, f"rotations_{name}", modes[rows, k_best].to(est.rotations_mle.dtype))
+        setattr(est, f"index_{name}", first_new + k_best * 7)
+        if shift_values is not None:
+            chosen = shift_values[t_mle[rows, k_best]]
+            setattr(est, f"shifts_{name}_px", chosen.to(est.shifts_mle_px.dtype))
+    # the largest posterior probability of one mode: a sharp mode's mass is spread over its
+    # 7 cubature points, so sum them (RELION's rlnMaxValueProbDistribution is per sample)
+    n_shifts = quad.log_lik.shape[-1]  # uniform shift prior 1/T, as in summarize_posterior
+    log_joint = (
+        torch.logsumexp(quad.log_lik[:, first_new:], dim=-1)
+        - math.log(n_shifts)
+        + quad.log_prior[:, first_new:]
+        + quad.log_weights[:, first_new:]
+    ).reshape(b, k, 7)
+    mode_mass = torch.exp(torch.logsumexp(log_joint, dim=-1) - est.log_evidence[:, None])
+    mode_mass = torch.where(sharp, mode_mass, 0.0).amax(dim=1)
+    est.max_probability = torch.maximum(
+        est.max_probability, mode_mass.to(est.max_probability.dtype)
+    ).clamp(max=1.0)
+    return est
 
 
 def _fit_empirical(prior, reader, table, ctf_params, scorer, grid, sigma2, shifts, config):

@@ -18,7 +18,7 @@ def demo(
     snrs: str = typer.Option("1,0.1,0.03", "--snrs", help="Comma-separated SNRs."),
     box: int = typer.Option(64, "--box", help="Box size in pixels."),
     pixel_size: float = typer.Option(5.0, "--pixel-size", help="Pixel size in Angstrom."),
-    grid_order: int = typer.Option(2, "--grid-order", help="HEALPix order of the global grid."),
+    grid_order: int = typer.Option(3, "--grid-order", help="HEALPix order of the global grid."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """Simulate 80S ribosome particles at several SNRs, estimate their poses by MLE, MAP and
@@ -36,7 +36,7 @@ def demo(
         fail(f"--snrs: expected comma-separated numbers, got {snrs!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     simulation = SimulationConfig(n=n, box=box, pixel_size_angstrom=pixel_size, ctf=True, seed=seed)
-    estimation = EstimateConfig(grid_order=grid_order, n_starts=2, batch_size=100)
+    estimation = EstimateConfig(grid_order=grid_order, batch_size=100)
     console = Console(stderr=True)
     bar = Progress(
         TextColumn("[bold]{task.description}"),

@@ -18,8 +18,17 @@ def estimate(
     prior: str = typer.Option(
         "uniform", "--prior", help="uniform | iso-gaussian:ETA[@ROT,TILT,PSI] | empirical."
     ),
-    grid_order: int = typer.Option(2, "--grid-order", help="HEALPix order (2: 4,608 rotations)."),
+    grid_order: int = typer.Option(
+        3, "--grid-order", help="HEALPix order (2: 4,608 rotations, 3: 36,864)."
+    ),
     local_refine: bool = typer.Option(True, "--local-refine/--no-local-refine"),
+    refine_levels: int = typer.Option(
+        0, "--refine-levels", help="Nested local grid levels (each 3x finer) before Newton."
+    ),
+    starts: int = typer.Option(3, "--starts", help="Distinct top candidates refined."),
+    newton: bool = typer.Option(
+        True, "--newton/--no-newton", help="Gauss-Newton + Laplace finish of the refinement."
+    ),
     shift_range: float = typer.Option(0.0, "--shift-range", help="Translation search, Angstrom."),
     shift_step: float | None = typer.Option(None, "--shift-step", help="Angstrom (default 1 px)."),
     noise_sigma: str = typer.Option("auto", "--noise-sigma", help="auto or sigma per pixel."),
@@ -43,6 +52,9 @@ def estimate(
         prior=prior,
         grid_order=grid_order,
         local_refine=local_refine,
+        refine_levels=refine_levels,
+        n_starts=starts,
+        newton_finish=newton,
         shift_range_angstrom=shift_range,
         shift_step_angstrom=shift_step,
         noise_sigma=noise_sigma,
