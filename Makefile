@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_estimate.py
+	$(BIN)/python bench/bench_reconstruct.py --skip-peers
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
