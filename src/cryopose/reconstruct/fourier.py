@@ -13,7 +13,12 @@ spread by trilinear weights ``t`` onto a ``M = pad_factor * N`` 3D grid at
     numerator   += t * w_i * C_i(k) * Y_i(k)
     denominator += t * w_i * C_i(k)^2
 
-with ``w_i`` the per-particle weight (1 by default).
+with ``w_i`` the per-particle weight (1 by default). Only the stored half plane is scattered:
+the trilinear kernel is symmetric, so the mates' sums are the point reflection ``i -> 2 (M //
+2) - i`` of the half-plane sums (conjugated for the numerator), added once when the grids are
+read. Points on the ``kx = 0`` column are scattered with weight 1/2 (their reflection gives the
+other half); this takes the column's Hermitian part, which is the value itself for the
+transform of a real image (with a CTF even in ``k``).
 Symmetry: a map with ``V(g x) = V(x)`` gives the same image at ``R`` and ``g.T @ R``, so each
 image is inserted at every ``g.T @ R_i``, ``g`` in the point group.
 
@@ -63,8 +68,9 @@ __all__ = [
     "half_subsets",
 ]
 
-# Inserted (point, rotation) pairs per scatter call: bounds temporary memory (~1 GB at most).
-_MAX_POINTS_PER_CHUNK = 1 << 21
+# Inserted (point, rotation) pairs per scatter call (x 8 trilinear corners): bounds temporary
+# memory (~100 MB) and keeps the scattered values cache-friendly.
+_MAX_POINTS_PER_CHUNK = 1 << 18
 _FSC_CLAMP = (1e-3, 0.999)
 
 
@@ -106,9 +112,17 @@ class FourierAccumulator:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         # Storage side M + 2 with a one-voxel margin: every trilinear corner of a point with
         # |k| < N / 2 falls inside, so the scatter needs no bounds checks (margin cropped later).
+        # Only the stored half plane of each image is inserted; the Friedel mates (value conj,
+        # coordinate -R k) are the point reflection of these sums, added when read
+        # (:attr:`numerator`, :attr:`denominator`).
         side = self.padded_box + 2
-        self.numerator = torch.zeros(side**3, dtype=_complex_dtype(dtype), device=self.device)
-        self.denominator = torch.zeros(side**3, dtype=dtype, device=self.device)
+        self._num_half = torch.zeros(side**3, dtype=_complex_dtype(dtype), device=self.device)
+        self._den_half = torch.zeros(side**3, dtype=dtype, device=self.device)
+        self._corner_offsets = torch.tensor(
+            [(dz * side + dy) * side + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
+            dtype=torch.int64,
+            device=self.device,
+        )
         self.n_images = 0
         # Half-plane sample points of the N image inside |k| < N / 2 (pixels of the N box).
         ky = torch.arange(box, dtype=dtype, device=self.device) - box // 2
@@ -117,30 +131,61 @@ class FourierAccumulator:
         self._mask = gx**2 + gy**2 < (box / 2) ** 2
         self._kx = gx[self._mask]
         self._ky = gy[self._mask]
-        self._mirror = self._kx > 0  # Friedel mates not stored in the half plane
+        # kx = 0 column: k and -k are both stored, so each is inserted with weight 1/2 and the
+        # reflection supplies the other half (the column's Hermitian part, i.e. the value
+        # itself for the transform of a real image).
+        self._half_weight = torch.where(self._kx > 0, 1.0, 0.5).to(dtype)
+
+    # ---- stored sums -------------------------------------------------------------------
+    @property
+    def numerator(self) -> torch.Tensor:
+        """Flat ``[(M + 2)^3]`` complex numerator grid (``[z, y, x]`` order, one-voxel margin),
+        Friedel mates included (a new tensor, computed from the stored half-plane sums)."""
+        return self._num_half + self._reflect(self._num_half).conj()
+
+    @property
+    def denominator(self) -> torch.Tensor:
+        """Flat ``[(M + 2)^3]`` real CTF^2 denominator grid, Friedel mates included (a new
+        tensor, computed from the stored half-plane sums)."""
+        return self._den_half + self._reflect(self._den_half)
+
+    def _reflect(self, flat: torch.Tensor) -> torch.Tensor:
+        """Point reflection ``i -> 2 (M // 2) - i`` of a flat stored grid about the centre voxel.
+
+        Storage index ``t = i + 1`` (margin). Even ``M``: ``t -> M + 2 - t`` on ``t >= 1`` (the
+        ``t = 0`` plane is never written: every corner has ``i >= 0``). Odd ``M``: ``t -> M + 1 -
+        t``, the whole axis.
+        """
+        side = self.padded_box + 2
+        grid = flat.reshape(side, side, side)
+        if self.padded_box % 2:
+            return grid.flip((0, 1, 2)).reshape(-1)
+        out = torch.zeros_like(grid)
+        out[1:, 1:, 1:] = grid[1:, 1:, 1:].flip((0, 1, 2))
+        return out.reshape(-1)
 
     # ---- insertion ---------------------------------------------------------------------
     def _scatter(self, coords: torch.Tensor, num: torch.Tensor, den: torch.Tensor) -> None:
-        """Trilinear scatter of values at ``coords`` ``[P, 3]`` (x, y, z padded-grid index)."""
+        """Trilinear scatter of values at ``coords`` ``[P, 3]`` (x, y, z padded-grid index):
+        the 8 corners at once, one ``scatter_add_`` for the numerator and one for the
+        denominator."""
         m = self.padded_box + 2
+        p = coords.shape[0]
         base = torch.floor(coords)
         frac = coords - base
-        base = base.to(torch.int64) + 1  # margin offset
-        for dz in (0, 1):
-            wz = frac[:, 2] if dz else 1.0 - frac[:, 2]
-            iz = base[:, 2] + dz
-            for dy in (0, 1):
-                wy = frac[:, 1] if dy else 1.0 - frac[:, 1]
-                iy = base[:, 1] + dy
-                wzy = wz * wy
-                izy = (iz * m + iy) * m
-                for dx in (0, 1):
-                    wx = frac[:, 0] if dx else 1.0 - frac[:, 0]
-                    ix = base[:, 0] + dx
-                    w = wzy * wx
-                    index = izy + ix
-                    self.numerator.scatter_add_(0, index, num * w)
-                    self.denominator.scatter_add_(0, index, den * w)
+        b = base.to(torch.int64)
+        # linear index of the (0, 0, 0) corner, margin offset (+1 on every axis) included
+        index = (b[:, 2] * m + b[:, 1]) * m + b[:, 0]
+        index = (index + (m * m + m + 1))[:, None] + self._corner_offsets  # [P, 8]
+        lo = 1.0 - frac
+        wx = torch.stack((lo[:, 0], frac[:, 0]), dim=1)
+        wy = torch.stack((lo[:, 1], frac[:, 1]), dim=1)
+        wz = torch.stack((lo[:, 2], frac[:, 2]), dim=1)
+        weight = ((wz[:, :, None] * wy[:, None, :]).reshape(p, 4, 1) * wx[:, None, :]).reshape(p, 8)
+        index = index.reshape(-1)
+        num_w = torch.view_as_complex(torch.view_as_real(num)[:, None, :] * weight[:, :, None])
+        self._num_half.scatter_add_(0, index, num_w.reshape(-1))
+        self._den_half.scatter_add_(0, index, (den[:, None] * weight).reshape(-1))
 
     def insert(
         self,
@@ -252,35 +297,39 @@ class FourierAccumulator:
     def _insert_masked(
         self, num: torch.Tensor, den: torch.Tensor, rotations: torch.Tensor
     ) -> None:
-        """Scatter ``[B, P]`` numerator / denominator values of the masked half-plane points
-        (and their Friedel mates) at ``[B, G, 3, 3]`` rotations."""
+        """Scatter ``[B, P]`` numerator / denominator values of the masked half-plane points at
+        ``[B, G, 3, 3]`` rotations (Friedel mates are added when the sums are read)."""
         n = self.box
         b, g = rotations.shape[:2]
-        # Friedel mates (kx > 0): value conj(Y), coordinate -R k.
-        num_all = torch.cat([num, num[:, self._mirror].conj()], dim=1)
-        den_all = torch.cat([den, den[:, self._mirror]], dim=1)
-        kx = torch.cat([self._kx, -self._kx[self._mirror]])
-        ky = torch.cat([self._ky, -self._ky[self._mirror]])
-        p = kx.numel()
+        num = num * self._half_weight
+        den = den * self._half_weight
+        p = self._kx.numel()
         rot = rotations.to(device=self.device, dtype=self.dtype)
         scale = self.padded_box / n
         centre = float(self.padded_box // 2)
         per_chunk = max(1, _MAX_POINTS_PER_CHUNK // max(p, 1))
         flat_rot = rot.reshape(b * g, 3, 3)
-        image_of = torch.arange(b, device=self.device).repeat_interleave(g)
+        kx, ky = self._kx, self._ky
         for start in range(0, b * g, per_chunk):
             r = flat_rot[start : start + per_chunk]
-            idx = image_of[start : start + per_chunk]
             coords = (r[:, None, :, 0] * kx[None, :, None] + r[:, None, :, 1] * ky[None, :, None])
             coords = coords * scale + centre
-            self._scatter(
-                coords.reshape(-1, 3), num_all[idx].reshape(-1), den_all[idx].reshape(-1)
-            )
+            if g == 1:
+                num_c, den_c = num[start : start + per_chunk], den[start : start + per_chunk]
+            else:
+                idx = torch.arange(start, start + r.shape[0], device=self.device) // g
+                num_c, den_c = num[idx], den[idx]
+            self._scatter(coords.reshape(-1, 3), num_c.reshape(-1), den_c.reshape(-1))
 
     def add_(self, other: FourierAccumulator) -> FourierAccumulator:
         """Add another accumulator's sums into this one (same box, padding, dtype)."""
-        self.numerator += other.numerator.to(self.numerator.device)
-        self.denominator += other.denominator.to(self.denominator.device)
+        if (other.box, other.padded_box) != (self.box, self.padded_box):
+            raise ValueError(
+                f"other: expected an accumulator of box {self.box} padded to "
+                f"{self.padded_box}, got box {other.box} padded to {other.padded_box}"
+            )
+        self._num_half += other._num_half.to(self._num_half.device, self._num_half.dtype)
+        self._den_half += other._den_half.to(self._den_half.device, self._den_half.dtype)
         self.n_images += other.n_images
         return self
 
