@@ -241,6 +241,8 @@ def test_cli_reconstruct_bad_input(simulated, tmp_path):
     res = runner.invoke(app, ["reconstruct", star, "-o", str(out), "--keep-fraction", "1.5",
                               "--by", "rlnCryoposeExpectedLoss"])
     assert res.exit_code == 1 and "--keep-fraction" in res.output
+    res = runner.invoke(app, ["reconstruct", star, "-o", str(out), "--pad-factor", "0.5"])
+    assert res.exit_code == 1 and "--pad-factor" in res.output
     assert not out.exists() and "Traceback" not in res.output
 
 

@@ -35,6 +35,14 @@ def reconstruct(
         "fsc", "--ssnr", help="Wiener SSNR: 'fsc' (per shell from half-maps) or a constant."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the half split without rlnRandomSubset."),
+    pad_factor: float = typer.Option(
+        2.0, "--pad-factor", help="Fourier oversampling of the insertion grid (>= 1; RELION: 2)."
+    ),
+    gridding_correction: bool = typer.Option(
+        True,
+        "--gridding-correction/--no-gridding-correction",
+        help="Divide by the trilinear kernel's sinc^2 footprint (off: a softer, apodised map).",
+    ),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
@@ -74,6 +82,8 @@ def reconstruct(
             fail(f"--ssnr: expected 'fsc' or a positive number, got {ssnr!r}")
         if not ssnr_value > 0:
             fail(f"--ssnr: expected 'fsc' or a positive number, got {ssnr!r}")
+    if not pad_factor >= 1.0:
+        fail(f"--pad-factor: expected >= 1, got {pad_factor}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device: {device} requested but CUDA is not available")
     try:
@@ -86,6 +96,8 @@ def reconstruct(
                 seed=seed,
                 device=device,
                 batch_size=batch_size,
+                pad_factor=pad_factor,
+                gridding_correction=gridding_correction,
                 progress=advance,
             )
         px = table.pixel_size

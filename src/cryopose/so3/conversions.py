@@ -18,8 +18,15 @@ returned by :func:`matrix_to_quaternion`.
 
 from __future__ import annotations
 
-import roma
 import torch
+
+
+def _roma():
+    """roma, imported on first use: it imports ``torch._dynamo`` (~2 s), which commands that
+    never convert through it (``reconstruct``, ``fsc``) should not pay at start-up."""
+    import roma
+
+    return roma
 
 __all__ = [
     "euler_to_matrix",
@@ -120,7 +127,7 @@ def matrix_to_quaternion(matrix: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``[..., 4]`` scalar-last unit quaternions (roma/scipy order).
     """
-    q = roma.rotmat_to_unitquat(matrix)
+    q = _roma().rotmat_to_unitquat(matrix)
     return torch.where(q[..., 3:4] < 0, -q, q)
 
 
@@ -138,7 +145,7 @@ def quaternion_to_matrix(quaternion: torch.Tensor) -> torch.Tensor:
         ``[..., 3, 3]`` rotation matrices.
     """
     q = quaternion / torch.linalg.vector_norm(quaternion, dim=-1, keepdim=True)
-    return roma.unitquat_to_rotmat(q)
+    return _roma().unitquat_to_rotmat(q)
 
 
 def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
@@ -154,7 +161,7 @@ def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``[..., 3, 3]`` rotation matrices (Rodrigues' formula, accurate near angle 0).
     """
-    return roma.rotvec_to_rotmat(rotvec)
+    return _roma().rotvec_to_rotmat(rotvec)
 
 
 def matrix_to_rotvec(matrix: torch.Tensor) -> torch.Tensor:
@@ -170,7 +177,7 @@ def matrix_to_rotvec(matrix: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``[..., 3]`` rotation vectors.
     """
-    return roma.unitquat_to_rotvec(matrix_to_quaternion(matrix))
+    return _roma().unitquat_to_rotvec(matrix_to_quaternion(matrix))
 
 
 def axis_angle_to_matrix(axis: torch.Tensor, angle_rad: torch.Tensor) -> torch.Tensor:

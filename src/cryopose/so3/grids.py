@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import healpy
 import numpy as np
 import torch
 
@@ -153,6 +152,8 @@ def healpix_grid(
     nside = 2**order
     n_directions = 12 * nside * nside
     n_inplane = 6 * nside
+    import healpy  # imported on first use (~1-2 s at start-up otherwise)
+
     theta, phi = healpy.pix2ang(nside, np.arange(n_directions), nest=True)
     step = 360.0 / n_inplane
     psi = (np.arange(n_inplane) + float(inplane_phase)) * step
