@@ -47,6 +47,7 @@ which is much slower and has no Friedel/denominator bookkeeping.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ import torch
 
 from cryopose.evaluate.fsc import FSCResult, fourier_shell_correlation, fsc
 from cryopose.imaging.ctf import ctf_from_params
-from cryopose.imaging.fft import ifftn_centred, rfft2_centred
+from cryopose.imaging.fft import rfft2_centred
 from cryopose.imaging.shifts import phase_shift_fourier
 from cryopose.io import ParticleImages, ParticleTable
 from cryopose.so3.symmetry import point_group
@@ -362,18 +363,7 @@ class FourierAccumulator:
             Real volume ``[z, y, x]`` in this accumulator's dtype and device.
         """
         n, m = self.box, self.padded_box
-        radius = self._shells()
-        inside = radius < n / 2
-        shell = torch.round(radius).to(torch.int64).clamp_max(n // 2)
         n_shells = n // 2 + 1
-        side = m + 2
-        den = self.denominator.reshape(side, side, side)[1:-1, 1:-1, 1:-1].reshape(-1)
-        den_sum = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
-        count = torch.zeros_like(den_sum)
-        den_inside = den[inside].to(torch.float64)
-        den_sum.index_add_(0, shell[inside], den_inside)
-        count.index_add_(0, shell[inside], torch.ones_like(den_inside))
-        mean_den = den_sum / count.clamp_min(1.0)
         ssnr_t = torch.as_tensor(ssnr, dtype=torch.float64, device=self.device)
         if ssnr_t.ndim == 0:
             ssnr_t = ssnr_t.expand(n_shells)
@@ -383,18 +373,36 @@ class FourierAccumulator:
             )
         if not bool((ssnr_t > 0).all()):
             raise ValueError("ssnr: expected positive values")
+        # Shell round(|k|) of every voxel; voxels outside |k| < N / 2 go to an extra bin
+        # ``n_shells`` whose regularisation is infinite (their value becomes 0).
+        radius = self._shells()
+        shell = torch.round(radius).to(torch.int64).clamp_max(n // 2)
+        shell = torch.where(radius < n / 2, shell, n_shells)
+        side = m + 2
+        den = self.denominator.reshape(side, side, side)[1:-1, 1:-1, 1:-1].reshape(-1)
+        den_sum = torch.zeros(n_shells + 1, dtype=torch.float64, device=self.device)
+        count = torch.zeros_like(den_sum)
+        den_sum.index_add_(0, shell, den.to(torch.float64))
+        count.index_add_(0, shell, torch.ones_like(den, dtype=torch.float64))
+        mean_den = den_sum[:n_shells] / count[:n_shells].clamp_min(1.0)
         floor = 1e-6 * float(den.max()) if den.numel() else 0.0
-        reg = (mean_den / ssnr_t).clamp_min(floor if floor > 0 else 1e-30).to(self.dtype)
-        total = den + reg[shell]
+        reg = (mean_den / ssnr_t).clamp_min(floor if floor > 0 else 1e-30)
+        reg = torch.cat([reg, reg.new_full((1,), math.inf)]).to(self.dtype)
         num = self.numerator.reshape(side, side, side)[1:-1, 1:-1, 1:-1].reshape(-1)
-        ft = torch.where(inside, num / total, torch.zeros_like(num)).reshape(m, m, m)
-        padded = ifftn_centred(ft, ndim=3).real
-        if gridding_correction:
-            x = (torch.arange(m, dtype=self.dtype, device=self.device) - m // 2) / m
-            s2 = torch.sinc(x) ** 2
-            padded = padded / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
+        ft = (num / (den + reg[shell])).reshape(m, m, m)
+        del num, den, shell, radius
+        # centred transform: ifftshift, ifftn, then crop the centred N^3 box straight from the
+        # unshifted result (fftshift moves index j to (j + M // 2) mod M)
+        padded = torch.fft.ifftn(torch.fft.ifftshift(ft), dim=(-3, -2, -1)).real
+        del ft
         start = m // 2 - n // 2
-        vol = padded[start : start + n, start : start + n, start : start + n]
+        index = (torch.arange(start, start + n, device=self.device) - m // 2) % m
+        vol = padded.index_select(0, index).index_select(1, index).index_select(2, index)
+        if gridding_correction:
+            x = (index.to(self.dtype) + (m // 2)) % m
+            x = (x - m // 2) / m
+            s2 = torch.sinc(x) ** 2
+            vol = vol / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
         return vol.to(self.dtype).contiguous()
 
 
