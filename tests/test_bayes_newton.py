@@ -51,6 +51,27 @@ def test_projector_gradient_matches_the_analytic_transform(n, dtype):
     assert (swapped - expected_grad).abs().max() > 0.1 * expected_grad.abs().max()
 
 
+@pytest.mark.parametrize("n", [32, 33])
+def test_gradient_table_values_equal_the_slices_and_vanish_outside(n):
+    # the channels-last gather must interpolate exactly as the slices' grid_sample path
+    vol = _blob_volume(n, torch.float64)
+    projector = Projector(vol)
+    rot = random_rotations(3, generator=2, dtype=torch.float64)
+    slices = projector.slices(rot)  # [3, N, N // 2 + 1]
+    ky = torch.arange(n, dtype=torch.float64) - n // 2
+    kx = torch.arange(n // 2 + 1, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    inside = gx**2 + gy**2 < (n / 2) ** 2
+    q = rot[:, None, :, 0] * gx[inside][None, :, None] + rot[:, None, :, 1] * gy[inside][
+        None, :, None
+    ]
+    values, _ = projector.sample_with_gradient(q)
+    torch.testing.assert_close(values, slices[:, inside], rtol=0, atol=1e-10)
+    far = torch.tensor([[3.0 * n, 0, 0], [0, -2.0 * n, 0.5]], dtype=torch.float64)
+    values, gradient = projector.sample_with_gradient(far)
+    assert values.abs().max() == 0 and gradient.abs().max() == 0
+
+
 def test_band_schedule_starts_coarse_and_ends_full():
     bands = band_schedule(7.5, 64)
     assert bands[0] == pytest.approx(1.0 / math.radians(7.5))

@@ -120,7 +120,10 @@ class Projector:
         self._grad_ri: torch.Tensor | None = None
 
     def _gradient_volumes(self) -> torch.Tensor:
-        """``[1, 8, M, M, M]``: (re, im) of ``V`` and of ``dV/dq_x``, ``dV/dq_y``, ``dV/dq_z``."""
+        """``[(M + 2)^3, 8]`` channels-last table: (re, im) of ``V`` and of ``dV/dq_x``,
+        ``dV/dq_y``, ``dV/dq_z`` at every voxel ``[z, y, x]`` of the padded grid, with a
+        one-voxel zero margin on every side (so a trilinear corner never leaves the table and
+        one row holds all 8 channels of a voxel: one cache line per corner)."""
         if self._grad_ri is None:
             ft = torch.view_as_complex(self._ft_ri[0].permute(1, 2, 3, 0).contiguous())
             padded = ifftn_centred(ft, ndim=3).real  # the (gridding-corrected) padded volume
@@ -134,8 +137,10 @@ class Projector:
                 shape[axis] = m
                 weighted = padded * (pos.reshape(shape) * (-2j * math.pi))
                 channels.append(fftn_centred(weighted, ndim=3))
-            stacked = torch.stack([torch.view_as_real(c) for c in channels])  # [4, M, M, M, 2]
-            self._grad_ri = stacked.permute(0, 4, 1, 2, 3).reshape(1, 8, m, m, m).contiguous()
+            table = torch.zeros(m + 2, m + 2, m + 2, 8, dtype=self.dtype, device=self.device)
+            for c, channel in enumerate(channels):
+                table[1:-1, 1:-1, 1:-1, 2 * c : 2 * c + 2] = torch.view_as_real(channel)
+            self._grad_ri = table.reshape(-1, 8)
         return self._grad_ri
 
     def sample_with_gradient(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,25 +168,43 @@ class Projector:
 
     def sample_with_gradient_ri(self, points: torch.Tensor) -> torch.Tensor:
         """:meth:`sample_with_gradient` as one real tensor ``[4, 2, ...]``: (value, d/dq_x,
-        d/dq_y, d/dq_z) x (real, imaginary) at ``points`` ``[..., 3]``."""
-        volumes = self._gradient_volumes()
+        d/dq_y, d/dq_z) x (real, imaginary) at ``points`` ``[..., 3]``.
+
+        Trilinear interpolation of each channel (as ``grid_sample`` with ``align_corners=True``
+        and zero padding) from the channels-last table of :meth:`_gradient_volumes`: 8 row
+        gathers per point instead of 64 strided loads.
+        """
+        table = self._gradient_volumes()
         m = self.padded_box
+        side = m + 2
         shape = points.shape[:-1]
-        index = points.to(self.dtype).reshape(-1, 3) * (m / self.box) + m // 2
-        grid = index * (2.0 / (m - 1)) - 1.0
-        sampled = []
-        for s in range(0, grid.shape[0], _MAX_POINTS_PER_CHUNK):
-            sampled.append(
-                F.grid_sample(
-                    volumes,
-                    grid[s : s + _MAX_POINTS_PER_CHUNK].reshape(1, 1, 1, -1, 3),
-                    mode="bilinear",
-                    padding_mode="zeros",
-                    align_corners=True,
-                )[0, :, 0, 0, :]
+        index = points.to(self.dtype).reshape(-1, 3) * (m / self.box) + (m // 2 + 1)
+        # corners outside the grid read the zero margin: clamp the lower corner into [0, M]
+        base = torch.floor(index).clamp_(0, m)
+        frac = (index - base).clamp_(0.0, 1.0)
+        outside = ((index < 0) | (index > m + 1)).any(-1)
+        b = base.to(torch.int64)
+        flat = (b[:, 2] * side + b[:, 1]) * side + b[:, 0]
+        offsets = torch.tensor(
+            [(dz * side + dy) * side + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
+            dtype=torch.int64,
+            device=self.device,
+        )
+        lo = 1.0 - frac
+        wx = torch.stack((lo[:, 0], frac[:, 0]), dim=1)
+        wy = torch.stack((lo[:, 1], frac[:, 1]), dim=1)
+        wz = torch.stack((lo[:, 2], frac[:, 2]), dim=1)
+        n = index.shape[0]
+        weight = ((wz[:, :, None] * wy[:, None, :]).reshape(n, 4, 1) * wx[:, None, :]).reshape(n, 8)
+        weight = weight.masked_fill_(outside[:, None], 0.0)
+        out = torch.empty(8, n, dtype=self.dtype, device=self.device)
+        chunk = max(1, _MAX_POINTS_PER_CHUNK // 16)
+        for s in range(0, n, chunk):
+            rows = table.index_select(0, (flat[s : s + chunk, None] + offsets).reshape(-1))
+            out[:, s : s + chunk] = torch.einsum(
+                "pc,pck->kp", weight[s : s + chunk], rows.reshape(-1, 8, 8)
             )
-        v = torch.cat(sampled, dim=-1) if sampled else volumes.new_zeros(8, 0)
-        return v.reshape(4, 2, *shape)
+        return out.reshape(4, 2, *shape)
 
     def slices(self, rotations: torch.Tensor) -> torch.Tensor:
         """Central slices: the centred rfft of the projection images.
