@@ -37,9 +37,11 @@ from cryopose.imaging.shifts import (
     phase_shift_fourier,
     shift_images,
 )
+from cryopose.imaging.trilinear import trilinear_corners
 
 __all__ = [
     "Projector",
+    "trilinear_corners",
     "project",
     "backproject",
     "backproject_slices",

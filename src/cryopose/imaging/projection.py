@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cryopose.imaging.fft import fftn_centred, ifftn_centred, irfft2_centred
+from cryopose.imaging.trilinear import trilinear_corners
 
 __all__ = ["Projector", "project", "backproject", "backproject_slices"]
 
@@ -179,28 +180,16 @@ class Projector:
         side = m + 2
         shape = points.shape[:-1]
         index = points.to(self.dtype).reshape(-1, 3) * (m / self.box) + (m // 2 + 1)
-        # corners outside the grid read the zero margin: clamp the lower corner into [0, M]
-        base = torch.floor(index).clamp_(0, m)
-        frac = (index - base).clamp_(0.0, 1.0)
+        # corners of points inside the grid that fall off it read the zero margin; points
+        # farther out get weight 0
+        corners, weight = trilinear_corners(index, side)
         outside = ((index < 0) | (index > m + 1)).any(-1)
-        b = base.to(torch.int64)
-        flat = (b[:, 2] * side + b[:, 1]) * side + b[:, 0]
-        offsets = torch.tensor(
-            [(dz * side + dy) * side + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-            dtype=torch.int64,
-            device=self.device,
-        )
-        lo = 1.0 - frac
-        wx = torch.stack((lo[:, 0], frac[:, 0]), dim=1)
-        wy = torch.stack((lo[:, 1], frac[:, 1]), dim=1)
-        wz = torch.stack((lo[:, 2], frac[:, 2]), dim=1)
-        n = index.shape[0]
-        weight = ((wz[:, :, None] * wy[:, None, :]).reshape(n, 4, 1) * wx[:, None, :]).reshape(n, 8)
         weight = weight.masked_fill_(outside[:, None], 0.0)
+        n = index.shape[0]
         out = torch.empty(8, n, dtype=self.dtype, device=self.device)
         chunk = max(1, _MAX_POINTS_PER_CHUNK // 16)
         for s in range(0, n, chunk):
-            rows = table.index_select(0, (flat[s : s + chunk, None] + offsets).reshape(-1))
+            rows = table.index_select(0, corners[s : s + chunk].reshape(-1))
             out[:, s : s + chunk] = torch.einsum(
                 "pc,pck->kp", weight[s : s + chunk], rows.reshape(-1, 8, 8)
             )

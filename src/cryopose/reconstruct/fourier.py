@@ -58,6 +58,7 @@ from cryopose.evaluate.fsc import FSCResult, fourier_shell_correlation, fsc
 from cryopose.imaging.ctf import ctf_from_params
 from cryopose.imaging.fft import rfft2_centred
 from cryopose.imaging.shifts import phase_shift_fourier
+from cryopose.imaging.trilinear import trilinear_corners
 from cryopose.io import ParticleImages, ParticleTable
 from cryopose.so3.symmetry import point_group
 
@@ -119,11 +120,6 @@ class FourierAccumulator:
         side = self.padded_box + 2
         self._num_half = torch.zeros(side**3, dtype=_complex_dtype(dtype), device=self.device)
         self._den_half = torch.zeros(side**3, dtype=dtype, device=self.device)
-        self._corner_offsets = torch.tensor(
-            [(dz * side + dy) * side + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-            dtype=torch.int64,
-            device=self.device,
-        )
         self.n_images = 0
         # Half-plane sample points of the N image inside |k| < N / 2 (pixels of the N box).
         ky = torch.arange(box, dtype=dtype, device=self.device) - box // 2
@@ -170,19 +166,8 @@ class FourierAccumulator:
         """Trilinear scatter of values at ``coords`` ``[P, 3]`` (x, y, z padded-grid index):
         the 8 corners at once, one ``scatter_add_`` for the numerator and one for the
         denominator."""
-        m = self.padded_box + 2
-        p = coords.shape[0]
-        base = torch.floor(coords)
-        frac = coords - base
-        b = base.to(torch.int64)
-        # linear index of the (0, 0, 0) corner, margin offset (+1 on every axis) included
-        index = (b[:, 2] * m + b[:, 1]) * m + b[:, 0]
-        index = (index + (m * m + m + 1))[:, None] + self._corner_offsets  # [P, 8]
-        lo = 1.0 - frac
-        wx = torch.stack((lo[:, 0], frac[:, 0]), dim=1)
-        wy = torch.stack((lo[:, 1], frac[:, 1]), dim=1)
-        wz = torch.stack((lo[:, 2], frac[:, 2]), dim=1)
-        weight = ((wz[:, :, None] * wy[:, None, :]).reshape(p, 4, 1) * wx[:, None, :]).reshape(p, 8)
+        # +1: the one-voxel storage margin
+        index, weight = trilinear_corners(coords + 1.0, self.padded_box + 2)
         index = index.reshape(-1)
         num_w = torch.view_as_complex(torch.view_as_real(num)[:, None, :] * weight[:, :, None])
         self._num_half.scatter_add_(0, index, num_w.reshape(-1))
@@ -399,8 +384,7 @@ class FourierAccumulator:
         index = (torch.arange(start, start + n, device=self.device) - m // 2) % m
         vol = padded.index_select(0, index).index_select(1, index).index_select(2, index)
         if gridding_correction:
-            x = (index.to(self.dtype) + (m // 2)) % m
-            x = (x - m // 2) / m
+            x = (torch.arange(n, dtype=self.dtype, device=self.device) + (start - m // 2)) / m
             s2 = torch.sinc(x) ** 2
             vol = vol / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
         return vol.to(self.dtype).contiguous()
