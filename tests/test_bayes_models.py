@@ -340,3 +340,22 @@ def test_align_volumes_noise_doubling_and_calibration():
         vol_a, vol_b, sigma2, grid, signal_variance=_shell_power(volume), **options))
     assert 1 / 1.5 < wiener < 1.5
     assert mse_wiener < mse_flat
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_templates_are_hermitian_up_to_the_band_edge(box):
+    """Templates at theta and theta + 180 degrees sample q and -q: V(-q) = conj V(q) holds for
+    every point, also between M/2 - 1 and M/2 of the padded grid (periodic neighbour)."""
+    from cryopose.bayes.models import _FourierTemplates
+
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(box, box, generator=g, dtype=torch.float64)
+    tpl = _FourierTemplates(image, 2, 2.0, box / 2.0)
+    theta = torch.deg2rad(torch.tensor([13.0, 37.0, 71.0], dtype=torch.float64))
+    rots = []
+    for t in torch.cat([theta, theta + math.pi]):
+        c, s = math.cos(float(t)), math.sin(float(t))
+        rots.append(torch.tensor([[c, -s], [s, c]], dtype=torch.float64))
+    out = tpl.sample(torch.stack(rots))
+    a, b = out[:3], out[3:]
+    assert float((b - a.conj()).abs().max() / a.abs().max()) < 1e-12

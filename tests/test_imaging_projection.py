@@ -181,3 +181,31 @@ def test_cuda_matches_cpu():
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-4 * float(cpu.abs().max()))
     bp = backproject(cpu.cuda(), rot.cuda())
     assert torch.allclose(bp.cpu(), backproject(cpu, rot), atol=1e-3 * float(bp.abs().max()))
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_slices_and_gradients_are_hermitian_up_to_the_band_edge(box):
+    """V(-q) = conj V(q) for a real volume, also where q lies between M/2 - 1 and M/2 of the
+    padded grid (the DFT is M-periodic: that neighbour is index -M/2, not zero).
+
+    ``R Rz(pi)`` maps every slice point ``k = (kx, ky, 0)`` to ``-R k``."""
+    g = torch.Generator().manual_seed(5)
+    vol = torch.randn(box, box, box, generator=g, dtype=torch.float64)  # power up to the edge
+    proj = Projector(vol)
+    rz_pi = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
+    rot = haar(64, 6)
+    a = proj.slices(rot)
+    b = proj.slices(rot @ rz_pi)
+    scale = a.abs().max()
+    assert float((b - a.conj()).abs().max() / scale) < 1e-12
+    # some points do reach the last padded interval (else the test would not test it)
+    q = torch.einsum("nij,pj->npi", rot[:, :, :2], torch.stack([proj._kx, proj._ky], -1))
+    assert bool((q * (proj.padded_box / box) > proj.padded_box // 2 - 1).any())
+    # gradient table: value(-q) = conj value(q), dV/dq(-q) = -conj dV/dq(q)
+    v_plus = proj.sample_with_gradient_ri(q.reshape(-1, 3))
+    v_minus = proj.sample_with_gradient_ri(-q.reshape(-1, 3))
+    assert torch.allclose(v_minus[0, 0], v_plus[0, 0], atol=1e-12 * float(scale), rtol=0)
+    assert torch.allclose(v_minus[0, 1], -v_plus[0, 1], atol=1e-12 * float(scale), rtol=0)
+    gscale = float(v_plus[1:].abs().max())
+    assert torch.allclose(v_minus[1:, 0], -v_plus[1:, 0], atol=1e-12 * gscale, rtol=0)
+    assert torch.allclose(v_minus[1:, 1], v_plus[1:, 1], atol=1e-12 * gscale, rtol=0)

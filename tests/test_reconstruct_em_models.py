@@ -14,6 +14,7 @@ from cryopose.reconstruct.em_models import (
     back_rotate_average,
     em_inplane,
     em_subtomograms,
+    mmse_rotation,
     pearson_correlation,
     simulate_inplane_observations,
     simulate_subtomogram_observations,
@@ -128,6 +129,48 @@ def test_hard_step_is_the_soft_step_with_a_one_hot_posterior(box, dtype):
     assert not torch.allclose(soft.estimates[1], hard.estimates[1], atol=1e-3)
 
 
+def test_mmse_rotation_is_the_rounded_posterior_mean_2d_and_3d():
+    # 2D: equal mass at 10 and 50 degrees -> 30 degrees; a point mass -> that rotation.
+    grid2 = rot2(torch.tensor([10.0, 50.0, 200.0]))
+    post = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    out = mmse_rotation(post, grid2)
+    assert torch.allclose(out[0], rot2(torch.tensor([30.0]))[0], atol=1e-12)
+    assert torch.allclose(out[1], grid2[2], atol=1e-12)
+    # 3D: two rotations about z at +-20 degrees, weights 0.7 / 0.3: the answer is about z at
+    # atan2(0.7 sin 20 - 0.3 sin 20, cos 20) (the in-plane block's rounded mean).
+    t = math.radians(20.0)
+    about_z = torch.zeros(2, 3, 3, dtype=torch.float64)
+    about_z[:, 2, 2] = 1.0
+    about_z[:, :2, :2] = rot2(torch.tensor([20.0, -20.0]))
+    out3 = mmse_rotation(torch.tensor([[0.7, 0.3]], dtype=torch.float64), about_z)[0]
+    want = math.atan2(0.4 * math.sin(t), math.cos(t))
+    assert math.isclose(math.atan2(float(out3[1, 0]), float(out3[0, 0])), want, abs_tol=1e-12)
+    assert torch.allclose(out3 @ out3.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert math.isclose(float(torch.linalg.det(out3)), 1.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_mmse_step_back_rotates_each_observation_by_its_mmse_rotation(box, dtype):
+    """With a point-mass posterior the MMSE step is the hard step; in general it is the
+    average of the observations each back-rotated (off the grid) by its MMSE rotation."""
+    truth = blobs(box, 2, dtype=dtype)
+    images, _ = simulate_inplane_observations(truth, 30, 0.5, angles_deg=24, seed=12)
+    initial = rotate_image(truth, torch.tensor([4.0], dtype=dtype))[0]
+    angles = torch.arange(24, dtype=dtype) * 15.0
+    scores = score_inplane(images, initial, 0.5, angles)
+    post = torch.softmax(scores.double(), -1)
+    point = mmse_rotation(post, rot2(angles))
+    theta = torch.rad2deg(torch.atan2(point[:, 1, 0], point[:, 0, 0]))
+    # back-rotating y_i by R_i^T = rotating it by -theta_i (rotate_image's convention).
+    manual = torch.stack([rotate_image(y, -a[None])[0] for y, a in zip(images, theta.to(dtype))])
+    r = em_inplane(images, initial, 0.5, 24, assignment="mmse", n_iterations=1)
+    got, want = inner_fourier(r.estimates[1], 2), inner_fourier(manual.mean(0), 2)
+    assert float((got - want).abs().max() / want.abs().max()) < 10 * tol(dtype), float((got - want).abs().max() / want.abs().max())
+    assert (theta.remainder(15.0) - 0.0).abs().max() > 0.5  # off the grid somewhere
+    hard = em_inplane(images, initial, 0.5, 24, assignment="hard", n_iterations=1)
+    assert not torch.allclose(r.estimates[1], hard.estimates[1], atol=1e-3)
+
+
 @pytest.mark.parametrize("box", [16, 17])
 def test_high_snr_soft_and_hard_converge_to_the_truth_2d(box, dtype):
     truth = blobs(box, 2, dtype=dtype)
@@ -137,7 +180,7 @@ def test_high_snr_soft_and_hard_converge_to_the_truth_2d(box, dtype):
     # Start from a blurred, 20-degree-turned copy: EM must find the structure and the frame.
     initial = rotate_image(blobs(box, 2, width=2.5, dtype=dtype), torch.tensor([20.0]))[0]
     finals = {}
-    for assignment in ("soft", "hard"):
+    for assignment in ("soft", "mmse", "hard"):
         r = em_inplane(images, initial, sigma2, 36, assignment=assignment, n_iterations=15,
                        truth=truth)
         aligned, _ = align_to_reference(r.final, truth)
@@ -147,7 +190,7 @@ def test_high_snr_soft_and_hard_converge_to_the_truth_2d(box, dtype):
         assert r.log_likelihood[-1] > r.log_likelihood[0]
         assert r.truth_correlation.shape == (r.n_iterations + 1,)
         finals[assignment] = aligned
-    diff = float((finals["soft"] - finals["hard"]).norm() / truth.norm())
+    diff = max(float((finals[a] - finals["hard"]).norm() / truth.norm()) for a in ("soft", "mmse"))
     assert diff < 0.02
 
 

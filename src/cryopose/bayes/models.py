@@ -167,8 +167,11 @@ class _FourierTemplates:
             shape[d] = padded
             x = x / s2.reshape(shape)
         ft = torch.view_as_real(fftn_centred(x, ndim=ndim))  # [M]*ndim + [2]
-        # grid_sample layout [1, 2 (re, im), (D,) H, W].
-        self._ft_ri = torch.movedim(ft, -1, 0).unsqueeze(0).contiguous()
+        # grid_sample layout [1, 2 (re, im), (D,) H, W], with index M appended on every axis
+        # (= index 0: the DFT is M-periodic), so points between M/2 - 1 and M/2 interpolate
+        # with their true neighbour instead of zero.
+        ft = torch.movedim(ft, -1, 0).unsqueeze(0)
+        self._ft_ri = F.pad(ft, (0, 1) * ndim, mode="circular").contiguous()
 
         centred = torch.arange(box, dtype=self.dtype, device=self.device) - box // 2
         half = torch.arange(box // 2 + 1, dtype=self.dtype, device=self.device)
@@ -197,7 +200,7 @@ class _FourierTemplates:
         q = torch.einsum("lij,pj->lpi", rot, self.freq)  # R k, [L, P, ndim]
         m = self.padded_box
         index = q * (m / self.box) + m // 2
-        grid = index * (2.0 / (m - 1)) - 1.0
+        grid = index * (2.0 / m) - 1.0  # the array has M + 1 samples per axis
         shape = (1, 1, 1, -1, 3) if self.ndim == 3 else (1, 1, -1, 2)
         out = F.grid_sample(
             self._ft_ri,

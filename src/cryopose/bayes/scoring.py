@@ -412,9 +412,7 @@ class ReferenceScorer:
     def _sample_volume(self, points: torch.Tensor) -> torch.Tensor:
         """Padded 3D transform at ``[..., 3]`` (x, y, z) points in N-box Fourier pixels."""
         proj = self.projector
-        mpad = proj.padded_box
-        idx = points * (mpad / self.box) + mpad // 2
-        grid = idx * (2.0 / (mpad - 1)) - 1.0
+        grid = proj.grid_coordinates(points)
         shape = points.shape[:-1]
         flat = grid.reshape(1, 1, 1, -1, 3)
         out = []

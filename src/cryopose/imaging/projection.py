@@ -108,8 +108,11 @@ class Projector:
         if gridding_correction:
             padded = padded / _sinc2_correction(padded_box, volume.dtype, volume.device)
         ft = fftn_centred(padded, ndim=3)
-        # grid_sample layout [batch=1, channel=(re, im), D=z, H=y, W=x]
-        self._ft_ri = torch.view_as_real(ft).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+        # grid_sample layout [batch=1, channel=(re, im), D=z, H=y, W=x], with index M appended
+        # on every axis: frequency +M/2 is -M/2 (the DFT is M-periodic), so a point between
+        # M/2 - 1 and M/2 interpolates with its true neighbour instead of zero.
+        ft_ri = torch.view_as_real(ft).permute(3, 0, 1, 2).unsqueeze(0)
+        self._ft_ri = F.pad(ft_ri, (0, 1, 0, 1, 0, 1), mode="circular").contiguous()
 
         # Half-plane (centred rfft) sample grid of the N-pixel image, inside |k| < N / 2.
         ky = torch.arange(box, dtype=volume.dtype, device=volume.device) - box // 2
@@ -120,15 +123,24 @@ class Projector:
         self._ky = gy[self._mask]
         self._grad_ri: torch.Tensor | None = None
 
+    def grid_coordinates(self, q: torch.Tensor) -> torch.Tensor:
+        """``grid_sample`` coordinates (``align_corners=True``) in ``_ft_ri`` of frequencies
+        ``q`` ``[..., 3]`` (x, y, z) in Fourier pixels of the N box."""
+        m = self.padded_box
+        return (q * (m / self.box) + m // 2) * (2.0 / m) - 1.0
+
     def _gradient_volumes(self) -> torch.Tensor:
         """``[(M + 2)^3, 8]`` channels-last table: (re, im) of ``V`` and of ``dV/dq_x``,
         ``dV/dq_y``, ``dV/dq_z`` at every voxel ``[z, y, x]`` of the padded grid, with a
-        one-voxel zero margin on every side (so a trilinear corner never leaves the table and
-        one row holds all 8 channels of a voxel: one cache line per corner)."""
+        one-voxel margin on every side (so a trilinear corner never leaves the table and one
+        row holds all 8 channels of a voxel: one cache line per corner): zero below index 0,
+        the periodic copy of index 0 above index M - 1."""
         if self._grad_ri is None:
-            ft = torch.view_as_complex(self._ft_ri[0].permute(1, 2, 3, 0).contiguous())
-            padded = ifftn_centred(ft, ndim=3).real  # the (gridding-corrected) padded volume
             m = self.padded_box
+            ft = torch.view_as_complex(
+                self._ft_ri[0, :, :m, :m, :m].permute(1, 2, 3, 0).contiguous()
+            )
+            padded = ifftn_centred(ft, ndim=3).real  # the (gridding-corrected) padded volume
             # V(q) = sum_x p(x) exp(-2 pi i q.(x - M//2) / N): dV/dq_j is the transform of
             # p(x) * (-2 pi i (x_j - M//2) / N); array axes are [z, y, x].
             pos = (torch.arange(m, dtype=self.dtype, device=self.device) - m // 2) / self.box
@@ -141,6 +153,10 @@ class Projector:
             table = torch.zeros(m + 2, m + 2, m + 2, 8, dtype=self.dtype, device=self.device)
             for c, channel in enumerate(channels):
                 table[1:-1, 1:-1, 1:-1, 2 * c : 2 * c + 2] = torch.view_as_real(channel)
+            # the high margin is index M = index 0 (periodic DFT), as in ``_ft_ri``
+            table[-1] = table[1]
+            table[:, -1] = table[:, 1]
+            table[:, :, -1] = table[:, :, 1]
             self._grad_ri = table.reshape(-1, 8)
         return self._grad_ri
 
@@ -227,8 +243,7 @@ class Projector:
                 r[:, None, :, 0] * self._kx[None, :, None]
                 + r[:, None, :, 1] * self._ky[None, :, None]
             )
-            index = q * scale + m // 2
-            grid = index * (2.0 / (m - 1)) - 1.0 if m > 1 else torch.zeros_like(index)
+            grid = self.grid_coordinates(q)
             sampled = F.grid_sample(
                 self._ft_ri,
                 grid.reshape(1, 1, 1, -1, 3),

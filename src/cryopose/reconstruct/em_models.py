@@ -22,7 +22,12 @@ observations back-rotated by the MMSE back-rotation operator ``E_{p_i}[g^-1]`` (
 equations 29-31, Proposition 3). Here ``(R^-1 . y)(x) = y(R^T x)``, so that a noiseless
 ``y = V(R .)`` is returned to ``V``. With ``p_i`` replaced by the one-hot vector at the
 posterior's argmax (the MLE rotation for the uniform prior) the same formula is the
-hard-assignment update (seed section 4.1.1).
+hard-assignment update (seed section 4.1.1). A third M-step, ``assignment="mmse"``, is the
+one the seed ran for its 3D figure (section 4.2.1): each observation is back-rotated by its
+own MMSE *point* rotation, the posterior mean matrix ``sum_g p_i(g) R_g`` rounded to the
+nearest rotation by orthogonal Procrustes (:func:`mmse_rotation`; off the grid), and the
+results are averaged. ``soft`` keeps every grid rotation of every observation; ``mmse`` and
+``hard`` keep one rotation each, the posterior's centre of mass or its mode.
 
 Cost: by linearity ``sum_i sum_g p_ig y_i(R_g^T x) = sum_g Z_g(R_g^T x)`` with
 ``Z_g = sum_i p_ig y_i``. The M-step is one matrix product ``P^T Y`` (``[G, B] @ [B, N^d]``,
@@ -54,6 +59,7 @@ import torch.nn.functional as F
 
 from cryopose.bayes.models import SubtomogramScorer, score_inplane
 from cryopose.so3.grids import SO3Grid, healpix_grid, local_grid
+from cryopose.so3.procrustes import project_to_so3
 from cryopose.so3.random import random_rotations, resolve_generator
 
 __all__ = [
@@ -61,6 +67,8 @@ __all__ = [
     "back_rotate_average",
     "em_inplane",
     "em_subtomograms",
+    "mmse_rotation",
+    "ASSIGNMENTS",
     "simulate_inplane_observations",
     "simulate_subtomogram_observations",
     "align_to_reference",
@@ -68,6 +76,9 @@ __all__ = [
     "ball_signal_power",
 ]
 
+# M-step kinds: posterior-weighted back-rotation (EM), back-rotation by the MMSE point
+# rotation (Procrustes-rounded posterior mean, the seed's Fig. 5), by the MLE (argmax) rotation.
+ASSIGNMENTS = ("soft", "mmse", "hard")
 # Padded transforms (real numbers) held at once by the batched back-rotation (~64 MB float32).
 _MAX_PADDED_ELEMENTS = 1 << 24
 # Columns whose total posterior weight is below this fraction of the total are skipped.
@@ -253,6 +264,56 @@ def _back_rotate_points(
     return out / n_obs
 
 
+def _back_rotate_each(
+    prepared: torch.Tensor, rotations: torch.Tensor, rotator: _Rotator
+) -> torch.Tensor:
+    """``[P]`` ball coefficients of ``(1 / B) sum_i y_i(R_i^T .)``, one rotation per observation.
+
+    ``prepared`` is ``rotator.prepare(observations)``, ``[B, N^d]``; ``rotations`` ``[B, d, d]``.
+    """
+    ball = rotator.ball
+    n_obs = prepared.shape[0]
+    back = rotations.to(dtype=ball.dtype, device=ball.device).transpose(-1, -2)
+    cdtype = torch.complex128 if ball.dtype == torch.float64 else torch.complex64
+    out = torch.zeros(ball.n_points, dtype=cdtype, device=ball.device)
+    step = max(1, _MAX_PADDED_ELEMENTS // (rotator.padded**ball.ndim))
+    for start in range(0, n_obs, step):
+        stop = min(start + step, n_obs)
+        out = out + rotator.sample(prepared[start:stop], back[start:stop]).sum(0)
+    return out / n_obs
+
+
+def mmse_rotation(posterior: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """MMSE rotation of each posterior over a grid: its mean matrix projected onto SO(d).
+
+    The posterior mean ``M_i = sum_g p_ig R_g`` is rounded to the nearest rotation in
+    Frobenius norm (orthogonal Procrustes with the determinant fix), the "rounding" step of
+    the seed's 3D experiment (section 4.2.1). In 2D ``M_i = s [[c, -s'], [s', c]]`` up to a
+    positive scale, so the answer is the rotation by ``atan2`` of its first column.
+
+    Parameters
+    ----------
+    posterior : torch.Tensor
+        ``[B, G]`` probabilities (rows sum to 1).
+    rotations : torch.Tensor
+        ``[G, d, d]`` grid rotations, ``d`` = 2 or 3.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, d, d]`` rotation matrices (dtype and device of ``rotations``).
+    """
+    rot = rotations.to(posterior.dtype)
+    mean = torch.einsum("bg,gij->bij", posterior, rot.to(posterior.device))
+    if rot.shape[-1] == 2:
+        angle = torch.atan2(mean[:, 1, 0], mean[:, 0, 0])
+        c, s = torch.cos(angle), torch.sin(angle)
+        out = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    else:
+        out = project_to_so3(mean)
+    return out.to(dtype=rotations.dtype, device=rotations.device)
+
+
 def _as_observations(x: torch.Tensor, ndim: int, name: str) -> torch.Tensor:
     what = "[B, N, N, N] subtomograms" if ndim == 3 else "[B, N, N] images"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -340,7 +401,7 @@ class EMResult:
         ``[T + 1]`` Pearson correlation of every iterate with the given truth / template (in
         the iterates' frame, no alignment), or ``None`` when not given.
     assignment : str
-        ``"soft"`` or ``"hard"``.
+        ``"soft"``, ``"mmse"`` or ``"hard"``.
     converged : bool
         Whether the relative change fell below the tolerance before the iteration limit.
     """
@@ -429,8 +490,10 @@ def _run_em(
     pad_factor: float,
 ) -> EMResult:
     ndim = initial.ndim
-    if assignment not in ("soft", "hard"):
-        raise EMInputError(f"assignment: expected 'soft' or 'hard', got {assignment!r}")
+    if assignment not in ASSIGNMENTS:
+        raise EMInputError(
+            f"assignment: expected one of {', '.join(map(repr, ASSIGNMENTS))}, got {assignment!r}"
+        )
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 0:
         raise EMInputError(f"n_iterations: expected a non-negative int, got {n_iterations!r}")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
@@ -465,11 +528,15 @@ def _run_em(
         posterior = torch.exp(scores - log_norm)
         log_likelihood.append(float((log_norm[:, 0] + data_term).sum()))
         max_post.append(float(posterior.max(dim=-1).values.mean()))
-        if assignment == "hard":
-            best = torch.argmax(scores, dim=-1)
-            posterior = torch.zeros_like(posterior)
-            posterior[torch.arange(best.shape[0], device=device), best] = 1.0
-        points = _back_rotate_points(prepared, posterior.to(dtype), rot, rotator)
+        if assignment == "mmse":
+            point = mmse_rotation(posterior, rot)
+            points = _back_rotate_each(prepared, point, rotator)
+        else:
+            if assignment == "hard":
+                best = torch.argmax(scores, dim=-1)
+                posterior = torch.zeros_like(posterior)
+                posterior[torch.arange(best.shape[0], device=device), best] = 1.0
+            points = _back_rotate_points(prepared, posterior.to(dtype), rot, rotator)
         new = ball.real(points[None])[0]
         norm = torch.linalg.vector_norm(current.to(torch.float64))
         diff = torch.linalg.vector_norm((new - current).to(torch.float64))
@@ -559,8 +626,10 @@ def em_inplane(
         Noise variance per pixel (number or ``[N // 2 + 1]`` per shell).
     angles_deg : int or sequence of float or torch.Tensor
         In-plane grid in degrees, or its size ``L`` (``360 j / L``).
-    assignment : {"soft", "hard"}
-        Posterior-weighted (EM, MMSE back-rotation) or argmax (MLE) back-rotation.
+    assignment : {"soft", "mmse", "hard"}
+        Posterior-weighted back-rotation (EM, the MMSE back-rotation operator), back-rotation
+        by each observation's MMSE rotation (:func:`mmse_rotation`, off the grid), or by its
+        argmax (MLE) grid rotation.
     n_iterations : int
         Largest number of iterations.
     tolerance : float
