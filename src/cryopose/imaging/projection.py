@@ -232,8 +232,6 @@ class Projector:
         rot = rotations.to(dtype=self.dtype, device=self.device).reshape(-1, 3, 3)
         n_rot = rot.shape[0]
         n_points = self._kx.numel()
-        m = self.padded_box
-        scale = m / self.box
         chunk = max(1, _MAX_POINTS_PER_CHUNK // max(n_points, 1))
         values = []
         for start in range(0, n_rot, chunk):
