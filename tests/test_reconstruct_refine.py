@@ -238,23 +238,31 @@ def test_shift_search_recovers_origins_with_relion_sign(tmp_path):
 
 def test_symmetry_gives_a_symmetric_map(tmp_path):
     """C2 about z: the map of a C2 refinement is invariant under the 2-fold ``(x, y) -> (-x,
-    -y)`` (odd box: a flip of the y and x axes), while a C1 refinement of the same data is
-    not exactly."""
+    -y)`` (odd box: a flip of the y and x axes), while a C1 refinement of the same data from
+    the same asymmetric reference is not exactly.
+
+    (From a C2-symmetric reference a C1 soft refinement is itself exactly symmetric: the two
+    poses ``R`` and ``R C2`` of every particle have equal likelihoods, so the posterior splits
+    evenly between them. Hence the asymmetric bump on the reference.)"""
     box = 25
     truth = blobs(box)
     truth = 0.5 * (truth + truth.flip(1, 2))
+    c = box // 2
+    reference = truth.clone()
+    reference[c - 1 : c + 2, c + 2 : c + 5, c + 4 : c + 7] += 0.3 * float(truth.max())
     rotations, _ = grid_poses(1, 80, seed=11)
     table = make_dataset(tmp_path, truth, rotations)
     maps = {}
     for symmetry in ("C2", "C1"):
         config = RefineConfig(iterations=1, assignment="soft", grid_order=1, symmetry=symmetry,
-                              noise_sigma=1e-3, dtype=torch.float64)
-        maps[symmetry] = refine(table, truth, PX, config).final.reconstruction.volume
+                              noise_sigma=0.3, dtype=torch.float64)
+        maps[symmetry] = refine(table, reference, PX, config).final.reconstruction.volume
     vol = maps["C2"]
     assert float((vol.flip(1, 2) - vol).norm() / vol.norm()) < 1e-9
     assert correlation(vol, truth) > 0.9
     c1 = maps["C1"]
-    assert float((c1.flip(1, 2) - c1).norm() / c1.norm()) > 1e-3
+    asym = float((c1.flip(1, 2) - c1).norm() / c1.norm())
+    assert asym > 1e-3, asym  # ~2e-3 here; the C2 map is symmetric to 1e-9
 
 
 def test_refine_rejects_bad_input(tmp_path):
