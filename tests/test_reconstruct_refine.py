@@ -183,11 +183,15 @@ def test_noiseless_one_iteration_hard_finds_grid_poses_and_soft_limit_equals_har
     rotations, index = grid_poses(1, 160, seed=box)
     table = make_dataset(tmp_path, truth, rotations)
     results = {}
-    for assignment in ("hard", "soft"):
+    for assignment in ("hard", "soft", "mmse"):
         config = RefineConfig(iterations=1, assignment=assignment, grid_order=1,
                               noise_sigma=1e-4, dtype=torch.float64, seed=3)
         results[assignment] = refine(table, truth, PX, config).final
     hard, soft = results["hard"], results["soft"]
+    # a one-hot posterior's MMSE pose is its grid point: the mmse map is the hard one
+    torch.testing.assert_close(results["mmse"].table.rotations(), rotations, atol=1e-6, rtol=0)
+    torch.testing.assert_close(results["mmse"].reconstruction.volume, hard.reconstruction.volume,
+                               rtol=0, atol=1e-6 * float(truth.abs().max()))
     assert torch.equal(hard.estimates.index_mle, index)
     torch.testing.assert_close(hard.table.rotations(), rotations, atol=1e-9, rtol=0)
     assert correlation(hard.reconstruction.volume, truth) > 0.9
@@ -234,6 +238,36 @@ def test_shift_search_recovers_origins_with_relion_sign(tmp_path):
     found = result.table.origins_angstrom() / PX
     torch.testing.assert_close(found, origins, atol=1e-9, rtol=0)
     assert torch.equal(result.estimates.index_mle, index)
+
+
+def test_mmse_insertion_undoes_shifts_and_expands_symmetry_like_the_grid_path(tmp_path):
+    """Off-grid origins, a shift search and C2: with a point-mass posterior the mmse M-step
+    (each image inserted at its own pose and shift) equals the hard one (grid sums), which
+    pins the shift sign and the symmetry-mate composition of the direct insertion; with a
+    spread posterior the two differ."""
+    box = 24
+    truth = blobs(box)
+    truth = 0.5 * (truth + truth.flip(1, 2))
+    rotations, _ = grid_poses(1, 40, seed=4)
+    g = torch.Generator().manual_seed(6)
+    origins = torch.randint(-1, 2, (40, 2), generator=g).double()
+    table = make_dataset(tmp_path, truth, rotations, origins_px=origins)
+    table = table.with_poses(rotations, torch.zeros(40, 2, dtype=torch.float64))
+    maps = {}
+    for noise in (1e-4, 1.0):
+        for assignment in ("hard", "mmse"):
+            config = RefineConfig(iterations=1, assignment=assignment, grid_order=1,
+                                  symmetry="C2", noise_sigma=noise,
+                                  shift_range_angstrom=1.5 * PX, shift_step_angstrom=PX,
+                                  dtype=torch.float64)
+            maps[(noise, assignment)] = refine(table, truth, PX, config).final
+    hard, mmse = maps[(1e-4, "hard")], maps[(1e-4, "mmse")]
+    torch.testing.assert_close(mmse.table.origins_angstrom() / PX, origins, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mmse.reconstruction.volume, hard.reconstruction.volume,
+                               rtol=0, atol=1e-6 * float(truth.abs().max()))
+    spread_h = maps[(1.0, "hard")].reconstruction.volume
+    spread_m = maps[(1.0, "mmse")].reconstruction.volume
+    assert float((spread_m - spread_h).norm() / spread_h.norm()) > 1e-3
 
 
 def test_symmetry_gives_a_symmetric_map(tmp_path):

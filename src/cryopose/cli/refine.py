@@ -1,4 +1,5 @@
-"""``cryopose refine PARTICLES.star --reference MAP.mrc -o DIR``: EM refinement (soft or hard)."""
+"""``cryopose refine PARTICLES.star --reference MAP.mrc -o DIR``: EM refinement (soft, mmse or
+hard)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def refine(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (created if needed)."),
     iterations: int = typer.Option(3, "--iterations", help="Number of EM iterations."),
     assignment: str = typer.Option(
-        "soft", "--assignment", help="soft (posterior-weighted, EM) or hard (MLE pose only)."
+        "soft", "--assignment",
+        help="soft (posterior-weighted, EM), mmse (MMSE pose only) or hard (MLE pose only).",
     ),
     grid_order: int = typer.Option(2, "--grid-order", help="HEALPix order (2: 4,608 rotations)."),
     shift_range: float = typer.Option(

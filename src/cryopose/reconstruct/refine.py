@@ -1,4 +1,5 @@
-"""Iterative refinement of a map from cryo-EM projections: EM with soft or hard assignment.
+"""Iterative refinement of a map from cryo-EM projections: EM with soft, MMSE-point or hard
+assignment.
 
 Model (``docs/conventions.md``, "Likelihood"): the centred rfft ``Y_i`` of image ``i`` (centred
 by its input RELION origin) is ``C_i S_t X_R + noise`` with ``X_R`` the central slice of the
@@ -21,6 +22,10 @@ M-step
     samples with ``|k| < N / 2``), and each grid rotation's summed slice is inserted once
     after the whole half set (:meth:`FourierAccumulator.insert_sums`): the cost does not
     depend on how spread the posteriors are.
+    *mmse*: each image is inserted once at its MMSE pose, the posterior-mean rotation matrix
+    rounded to SO(3) (Procrustes) and the posterior-mean shift, off the grid
+    (:meth:`FourierAccumulator.insert`): the seed's MMSE estimator used inside the loop, as in
+    its 3D experiment (``docs/em_soft_vs_hard.md``).
     *hard*: only the MLE grid point ``(g, t)`` of each image, weight 1 (the same sums with a
     one-hot posterior, formed by index additions).
     With a point group, each grid rotation's slice is inserted at all its symmetry mates
@@ -33,8 +38,8 @@ Map
     mask is applied between iterations: the FSC-based Wiener filter attenuates the shells the
     half maps do not agree on.
 
-Poses written per iteration are the MMSE rotation and shift (soft) or the MLE grid point
-(hard). Shifts are searched on a fixed grid about each particle's *input* origin (the search
+Poses written per iteration are the MMSE rotation and shift (soft, mmse) or the MLE grid
+point (hard). Shifts are searched on a fixed grid about each particle's *input* origin (the search
 centre does not move between iterations): the output origin is ``input origin - t * pixel``.
 
 Memory: the sums of one half set, ``G x K`` complex plus real values (about 90 MB per half at
@@ -85,7 +90,7 @@ __all__ = [
     "iteration_paths",
 ]
 
-_ASSIGNMENTS = ("soft", "hard")
+_ASSIGNMENTS = ("soft", "mmse", "hard")
 # exp(x) below this (relative to the row maximum) is exactly 0, as in cryopose.bayes.posterior.
 _EXP_FLOOR = -69.0
 # Elements of one [rows, K] block when moving grid sums to the accumulator.
@@ -100,8 +105,11 @@ class RefineConfig:
     ----------
     iterations : int
         Number of EM iterations (>= 1).
-    assignment : {"soft", "hard"}
-        Back-project with every posterior weight (soft, EM) or the MLE grid point only (hard).
+    assignment : {"soft", "mmse", "hard"}
+        Back-project with every posterior weight (soft, EM), at the MMSE pose only (mmse: the
+        Procrustes-rounded posterior-mean rotation and the posterior-mean shift, off the grid,
+        the seed's MMSE estimator inside the refinement loop) or at the MLE grid point only
+        (hard).
     grid_order : int
         HEALPix order of the global rotation grid (1: 576 rotations, 30 degree step; 2: 4,608,
         15 degrees; 3: 36,864, 7.5 degrees).
@@ -160,7 +168,7 @@ class RefineConfig:
                                      f"{self.iterations!r}")
         if self.assignment not in _ASSIGNMENTS:
             raise CryoposeInputError(
-                f"--assignment: expected soft or hard, got {self.assignment!r}"
+                f"--assignment: expected soft, mmse or hard, got {self.assignment!r}"
             )
         if isinstance(self.grid_order, bool) or not (
             isinstance(self.grid_order, int) and 0 <= self.grid_order <= 4
@@ -502,6 +510,33 @@ def _prepare_reference(
     return volume
 
 
+def _insert_at_poses(
+    accumulator: FourierAccumulator,
+    slices: torch.Tensor,
+    ctf: torch.Tensor | None,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    group: torch.Tensor,
+) -> None:
+    """Insert each image once per symmetry mate at its own pose (``mmse`` assignment).
+
+    ``slices`` are the centred rfft of images centred by their input origins; a template
+    shift ``t`` (pixels) is undone by ``conj(S_t(k)) = exp(+2 pi i k . t / N)``, as in
+    :class:`GridBackProjector`. Rotations ``[B, 3, 3]`` are expanded to ``S^T R`` for every
+    element ``S`` of ``group`` ``[S, 3, 3]``, as the grid rotations are.
+    """
+    n = slices.shape[-2]
+    rdt = torch.float64 if slices.dtype == torch.complex128 else torch.float32
+    ky = (torch.arange(n, dtype=torch.float64, device=slices.device) - n // 2)[:, None]
+    kx = torch.arange(n // 2 + 1, dtype=torch.float64, device=slices.device)[None, :]
+    t = shifts_px.to(device=slices.device, dtype=torch.float64)
+    phase = (2.0 * math.pi / n) * (t[:, 0, None, None] * kx + t[:, 1, None, None] * ky)
+    unshift = torch.polar(torch.ones_like(phase), phase).to(slices.dtype)
+    g = group.to(device=slices.device, dtype=rdt)
+    poses = g.transpose(-1, -2)[None] @ rotations.to(dtype=rdt)[:, None]  # [B, S, 3, 3]
+    accumulator.insert(slices * unshift, poses, ctf)
+
+
 def _output_table(
     table: ParticleTable,
     estimates: PoseEstimates,
@@ -510,7 +545,7 @@ def _output_table(
     px: float,
     labels: np.ndarray,
 ) -> ParticleTable:
-    if assignment == "soft":
+    if assignment in ("soft", "mmse"):
         rotations, shifts = estimates.rotations_mmse, estimates.shifts_mmse_px
     else:
         rotations, shifts = estimates.rotations_mle, estimates.shifts_mle_px
@@ -635,6 +670,7 @@ def refine(
                     pad_factor=config.pad_factor, device=device, dtype=dtype,
                 )
                 sums = GridBackProjector(box, len(grid), shifts, dtype, device)
+                acc = FourierAccumulator(box, config.pad_factor, dtype, device)
                 for b0 in range(0, rows_h.size, config.batch_size):
                     rows = rows_h[b0 : b0 + config.batch_size]
                     images = reader.read(rows, dtype=dtype, device=device)
@@ -649,17 +685,21 @@ def refine(
                             p, box, pixel_size_angstrom=px, dtype=dtype, device=device
                         )
                     log_lik = scorer.score_grid(centred, ctf, sigma2, grid, shifts)
-                    weights = assignment_weights(log_lik, config.assignment, log_q)
-                    sums.add(weights, ft, ctf)
-                    del weights
                     est = summarize_posterior(
                         log_lik, grid, shifts, group=group_arg, n_candidates=1
                     )
+                    if config.assignment == "mmse":
+                        _insert_at_poses(acc, ft, ctf, est.rotations_mmse.to(device),
+                                         est.shifts_mmse_px.to(device), group)
+                    else:
+                        weights = assignment_weights(log_lik, config.assignment, log_q)
+                        sums.add(weights, ft, ctf)
+                        del weights
                     parts.append((rows, est.to("cpu")))
                     if progress is not None:
                         progress(len(rows))
-                acc = FourierAccumulator(box, config.pad_factor, dtype, device)
-                sums.insert_into(acc, insert_rotations)
+                if config.assignment != "mmse":
+                    sums.insert_into(acc, insert_rotations)
                 del sums, scorer
                 accumulators.append(acc)
             rec = _finish(tuple(accumulators), "fsc", px, True, n)
