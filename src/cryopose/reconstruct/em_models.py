@@ -306,9 +306,7 @@ def mmse_rotation(posterior: torch.Tensor, rotations: torch.Tensor) -> torch.Ten
     rot = rotations.to(posterior.dtype)
     mean = torch.einsum("bg,gij->bij", posterior, rot.to(posterior.device))
     if rot.shape[-1] == 2:
-        angle = torch.atan2(mean[:, 1, 0], mean[:, 0, 0])
-        c, s = torch.cos(angle), torch.sin(angle)
-        out = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+        out = _rotation_2d(torch.rad2deg(torch.atan2(mean[:, 1, 0], mean[:, 0, 0])))
     else:
         out = project_to_so3(mean)
     return out.to(dtype=rotations.dtype, device=rotations.device)

@@ -521,20 +521,16 @@ def _insert_at_poses(
     """Insert each image once per symmetry mate at its own pose (``mmse`` assignment).
 
     ``slices`` are the centred rfft of images centred by their input origins; a template
-    shift ``t`` (pixels) is undone by ``conj(S_t(k)) = exp(+2 pi i k . t / N)``, as in
-    :class:`GridBackProjector`. Rotations ``[B, 3, 3]`` are expanded to ``S^T R`` for every
-    element ``S`` of ``group`` ``[S, 3, 3]``, as the grid rotations are.
+    shift ``t`` (pixels: the particle sits at ``N // 2 + t``) is undone by moving the content
+    by ``-t``. Rotations ``[B, 3, 3]`` are expanded to ``S^T R`` for every element ``S`` of
+    ``group`` ``[S, 3, 3]``, as the grid rotations are.
     """
-    n = slices.shape[-2]
     rdt = torch.float64 if slices.dtype == torch.complex128 else torch.float32
-    ky = (torch.arange(n, dtype=torch.float64, device=slices.device) - n // 2)[:, None]
-    kx = torch.arange(n // 2 + 1, dtype=torch.float64, device=slices.device)[None, :]
-    t = shifts_px.to(device=slices.device, dtype=torch.float64)
-    phase = (2.0 * math.pi / n) * (t[:, 0, None, None] * kx + t[:, 1, None, None] * ky)
-    unshift = torch.polar(torch.ones_like(phase), phase).to(slices.dtype)
+    t = shifts_px.to(device=slices.device, dtype=rdt)
+    centred = phase_shift_fourier(slices, -t[:, 0], -t[:, 1], slices.shape[-2])
     g = group.to(device=slices.device, dtype=rdt)
     poses = g.transpose(-1, -2)[None] @ rotations.to(dtype=rdt)[:, None]  # [B, S, 3, 3]
-    accumulator.insert(slices * unshift, poses, ctf)
+    accumulator.insert(centred, poses, ctf)
 
 
 def _output_table(
@@ -669,7 +665,10 @@ def refine(
                     halves[h - 1], px, max_frequency_angstrom=config.max_frequency_angstrom,
                     pad_factor=config.pad_factor, device=device, dtype=dtype,
                 )
-                sums = GridBackProjector(box, len(grid), shifts, dtype, device)
+                # mmse inserts each image directly; soft / hard sum per grid point first
+                sums = None
+                if config.assignment != "mmse":
+                    sums = GridBackProjector(box, len(grid), shifts, dtype, device)
                 acc = FourierAccumulator(box, config.pad_factor, dtype, device)
                 for b0 in range(0, rows_h.size, config.batch_size):
                     rows = rows_h[b0 : b0 + config.batch_size]
@@ -688,7 +687,7 @@ def refine(
                     est = summarize_posterior(
                         log_lik, grid, shifts, group=group_arg, n_candidates=1
                     )
-                    if config.assignment == "mmse":
+                    if sums is None:
                         _insert_at_poses(acc, ft, ctf, est.rotations_mmse.to(device),
                                          est.shifts_mmse_px.to(device), group)
                     else:
@@ -698,7 +697,7 @@ def refine(
                     parts.append((rows, est.to("cpu")))
                     if progress is not None:
                         progress(len(rows))
-                if config.assignment != "mmse":
+                if sums is not None:
                     sums.insert_into(acc, insert_rotations)
                 del sums, scorer
                 accumulators.append(acc)
