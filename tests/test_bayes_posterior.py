@@ -292,6 +292,41 @@ def test_chunking_and_sparse_path_give_identical_results(monkeypatch):
         assert torch.equal(other.top_candidates, whole.top_candidates)
 
 
+@pytest.mark.parametrize("group", [None, "C2"])
+@pytest.mark.parametrize("widths", [(1.0, 60.0, 200.0), (0.5, 0.5, 0.5)])
+def test_grid_plus_extra_points_equal_the_materialised_rotation_sets(group, widths, monkeypatch):
+    # ([G0, 3, 3] shared, [B, E, 3, 3] per particle) must summarise exactly like the
+    # concatenated per-particle rotation sets [B, G0 + E, 3, 3], on the dense and the sparse
+    # path, with shifts, a prior, quadrature weights, a point group and several chunks
+    grid = healpix_grid(1, dtype=torch.float64)
+    b, e, t = 3, 7, 2
+    g = torch.Generator().manual_seed(11)
+    extra = haar(b * e, seed=31).reshape(b, e, 3, 3)
+    n = len(grid) + e
+    ll = torch.randn(b, n, t, generator=g, dtype=torch.float64) * torch.tensor(widths)[:, None,
+                                                                                   None]
+    ll[:, len(grid) + 2] += 5.0  # an extra point holds the MAP
+    shifts = torch.tensor([[0.0, 0.0], [1.0, -0.5]], dtype=torch.float64)
+    lq = torch.log(torch.rand(b, n, generator=g, dtype=torch.float64) + 0.1)
+    lq[0, 5] = -math.inf  # a removed grid point
+    lp = torch.randn(b, n, generator=g, dtype=torch.float64) * 0.3
+    full = torch.cat([grid.matrices.expand(b, -1, -1, -1), extra], dim=1)
+    kwargs = dict(log_prior=lp, log_quadrature_weights=lq, group=group, min_separation_deg=40.0)
+    monkeypatch.setattr(posterior_module, "_CHUNK_ELEMENTS", 2 * n * 9)
+    reference = summarize_posterior(ll, full, shifts, **kwargs)
+    mixed = summarize_posterior(ll, (grid.matrices, extra), shifts, **kwargs)
+    for name in ("rotations_mle", "rotations_map", "rotations_mmse", "shifts_mmse_px",
+                 "expected_loss", "max_probability", "credible_radius_deg",
+                 "mass_outside_20deg", "log_evidence"):
+        torch.testing.assert_close(getattr(mixed, name), getattr(reference, name), rtol=0,
+                                   atol=1e-10, msg=name)
+    for name in ("top_candidates", "index_mle", "index_map"):
+        assert torch.equal(getattr(mixed, name), getattr(reference, name)), name
+    assert bool((reference.index_map >= len(grid)).any())  # the extra gather path is used
+    with pytest.raises(ValueError, match="rotations"):
+        summarize_posterior(ll, (grid.matrices, extra[:, :-1]), shifts)
+
+
 def test_grid_spacing_estimate_matches_healpix_steps():
     for order, step in ((1, 30.0), (2, 15.0)):
         spacing = estimate_grid_spacing_deg(healpix_grid(order).matrices)

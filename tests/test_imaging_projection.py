@@ -206,6 +206,11 @@ def test_slices_and_gradients_are_hermitian_up_to_the_band_edge(box):
     v_minus = proj.sample_with_gradient_ri(-q.reshape(-1, 3))
     assert torch.allclose(v_minus[0, 0], v_plus[0, 0], atol=1e-12 * float(scale), rtol=0)
     assert torch.allclose(v_minus[0, 1], -v_plus[0, 1], atol=1e-12 * float(scale), rtol=0)
-    gscale = float(v_plus[1:].abs().max())
-    assert torch.allclose(v_minus[1:, 0], -v_plus[1:, 0], atol=1e-12 * gscale, rtol=0)
-    assert torch.allclose(v_minus[1:, 1], v_plus[1:, 1], atol=1e-12 * gscale, rtol=0)
+    # gradients (of the trilinear interpolant): away from the grid nodes, where the
+    # interpolant has a kink and the one-sided slope is returned (here only q = 0)
+    node = ((q * (proj.padded_box / box)).reshape(-1, 3).frac().abs() < 1e-12).any(-1)
+    assert int(node.sum()) == rot.shape[0]  # the origin of every slice
+    gp, gm = v_plus[1:, :, ~node], v_minus[1:, :, ~node]
+    gscale = float(gp.abs().max())
+    assert torch.allclose(gm[:, 0], -gp[:, 0], atol=1e-12 * gscale, rtol=0)
+    assert torch.allclose(gm[:, 1], gp[:, 1], atol=1e-12 * gscale, rtol=0)

@@ -195,19 +195,45 @@ def _local_offsets(radius_deg: float, step_deg: float, dtype, device):
 
 
 class _Quadrature:
-    """Per-particle rotation points, log-likelihoods and log weights that refine in place."""
+    """Per-particle rotation points, log-likelihoods and log weights that refine in place.
+
+    Points ``0 .. G-1`` are the shared global grid (``[G, 3, 3]``, never copied per particle;
+    a removed point keeps its slot with weight 0), the rest are per-particle extra points
+    ``[B, E, 3, 3]`` (local grids, Laplace cubatures).
+    """
 
     def __init__(
         self,
-        rotations: torch.Tensor,
+        grid: torch.Tensor,
         log_lik: torch.Tensor,
         log_weights: torch.Tensor,
         log_prior: torch.Tensor,
     ):
-        self.rotations = rotations  # [B, P, 3, 3]
-        self.log_lik = log_lik  # [B, P, T]
-        self.log_weights = log_weights  # [B, P] log Haar mass of each point's cell
-        self.log_prior = log_prior  # [B, P] log prior density (w.r.t. normalised Haar)
+        b = log_lik.shape[0]
+        self.grid = grid  # [G, 3, 3]
+        self.extra = grid.new_zeros(b, 0, 3, 3)  # [B, E, 3, 3]
+        self.log_lik = log_lik  # [B, G + E, T]
+        self.log_weights = log_weights  # [B, G + E] log Haar mass of each point's cell
+        self.log_prior = log_prior  # [B, G + E] log prior density (w.r.t. normalised Haar)
+
+    @property
+    def n_points(self) -> int:
+        return self.grid.shape[0] + self.extra.shape[1]
+
+    @property
+    def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(grid, extra)`` pair :func:`summarize_posterior` takes."""
+        return self.grid, self.extra
+
+    def rotation_at(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``[..., 3, 3]`` rotations of points ``index`` of particles ``rows`` (broadcast)."""
+        g = self.grid.shape[0]
+        rows, index = torch.broadcast_tensors(rows, index)
+        from_grid = self.grid[index.clamp(max=g - 1)]
+        if self.extra.shape[1] == 0:
+            return from_grid
+        from_extra = self.extra[rows, (index - g).clamp(min=0)]
+        return torch.where((index < g)[..., None, None], from_grid, from_extra)
 
     def replace_ball(
         self,
@@ -225,14 +251,19 @@ class _Quadrature:
         ``log_weights`` ``[B, K*L]``. Inactive centres (``active [B, K]`` False) remove nothing
         and their points get weight zero (they still count for the MLE / MAP)."""
         b, k = centres.shape[:2]
-        flat_centres = centres.reshape(b, k, 9)
-        # d(C, R) < r  <=>  tr(C^T R) > 1 + 2 cos r: one batched GEMM for all centres
+        flat_centres = centres.reshape(b, k, 9).to(self.grid.dtype)
+        # d(C, R) < r  <=>  tr(C^T R) > 1 + 2 cos r: GEMMs for all centres
         if isinstance(radius_rad, torch.Tensor):  # per centre [B, K]
             threshold = (1.0 + 2.0 * torch.cos(radius_rad.to(flat_centres.dtype)))[:, None, :]
             radius_rad = float(radius_rad.max())  # (only used for uniform weights below)
         else:
             threshold = 1.0 + 2.0 * math.cos(radius_rad)
-        traces = torch.bmm(self.rotations.reshape(b, -1, 9), flat_centres.transpose(1, 2))
+        centres_t = flat_centres.transpose(1, 2)  # [B, 9, K]
+        # one GEMM [G, 9] x [9, B K] (a broadcast matmul would run B small ones)
+        traces = (self.grid.reshape(-1, 9) @ flat_centres.reshape(b * k, 9).T).reshape(
+            -1, b, k).permute(1, 0, 2)  # [B, G, K]
+        if self.extra.shape[1]:
+            traces = torch.cat([traces, torch.bmm(self.extra.reshape(b, -1, 9), centres_t)], 1)
         inside_each = traces > threshold
         if active is not None:
             inside_each = inside_each & active[:, None, :]
@@ -246,7 +277,8 @@ class _Quadrature:
         else:
             new_w = log_weights.to(self.log_weights.dtype)
         # overlapping balls: a new point inside an earlier-listed ball of this level is dropped
-        new_traces = torch.bmm(rotations.reshape(b, -1, 9), flat_centres.transpose(1, 2))
+        rotations = rotations.to(self.grid.dtype)
+        new_traces = torch.bmm(rotations.reshape(b, -1, 9), centres_t)
         owner = torch.arange(k, device=rotations.device).repeat_interleave(per_centre)  # [K*L]
         earlier = torch.arange(k, device=rotations.device)[None, :] < owner[:, None]  # [K*L, K]
         near = (new_traces > threshold) & earlier[None]
@@ -255,10 +287,10 @@ class _Quadrature:
             own_active = active.repeat_interleave(per_centre, dim=1)  # [B, K*L]
             new_w = new_w.masked_fill(~own_active, -math.inf)
         new_w = new_w.masked_fill(near.any(dim=-1), -math.inf)
-        self.rotations = torch.cat([self.rotations, rotations], dim=1)
-        self.log_lik = torch.cat([self.log_lik, log_lik], dim=1)
+        self.extra = torch.cat([self.extra, rotations], dim=1)
+        self.log_lik = torch.cat([self.log_lik, log_lik.to(self.log_lik.dtype)], dim=1)
         self.log_weights = torch.cat([self.log_weights, new_w], dim=1)
-        self.log_prior = torch.cat([self.log_prior, log_prior], dim=1)
+        self.log_prior = torch.cat([self.log_prior, log_prior.to(self.log_prior.dtype)], dim=1)
 
 
 def _ctf_batch(
@@ -427,37 +459,20 @@ def estimate_poses(
     )
 
 
-def _pruned_quadrature(
+def _grid_quadrature(
     grid: SO3Grid, log_lik: torch.Tensor, log_prior_grid: torch.Tensor
-) -> tuple[_Quadrature, torch.Tensor]:
-    """The global grid as a per-particle quadrature, keeping only the points that matter.
-
-    A point is dropped when both its shift-marginalised likelihood and its posterior mass are
-    below 1e-14 of the particle's largest (the same cut :func:`summarize_posterior` makes), so
-    a sharp posterior on a 36,864-point grid becomes a few hundred points per particle.
-    Returns the quadrature and the ``[B, P]`` global-grid index of each kept point.
-    """
+) -> _Quadrature:
+    """The global grid as the starting quadrature of every particle (shared rotations)."""
     b = log_lik.shape[0]
     g = grid.matrices.to(torch.float64)
     log_w = torch.log(grid.weights.to(device=g.device, dtype=torch.float64))
     lp = log_prior_grid.to(device=g.device, dtype=torch.float64)
-    marginal = torch.logsumexp(log_lik.double(), dim=-1)  # [B, G]
-    joint = marginal + lp + log_w
-    cut = math.log(1e-14)
-    keep = (marginal >= marginal.amax(1, keepdim=True) + cut) | (
-        joint >= joint.amax(1, keepdim=True) + cut
+    return _Quadrature(
+        g,
+        log_lik.double(),
+        log_w.expand(b, -1).clone(),
+        lp.expand(b, -1).clone() if lp.ndim == 1 else lp.clone(),
     )
-    n_keep = int(keep.sum(1).max())
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_keep]  # kept first
-    kept = torch.gather(keep, 1, order)
-    rows = torch.arange(b, device=g.device)[:, None]
-    quad = _Quadrature(
-        g[order],
-        log_lik.double()[rows, order],
-        torch.where(kept, log_w[order], -math.inf),
-        lp.expand(b, -1)[rows, order] if lp.ndim == 1 else lp[rows, order],
-    )
-    return quad, order
 
 
 def _refine(
@@ -478,7 +493,7 @@ def _refine(
     b = images.shape[0]
     dtype = torch.float64
     device = log_lik.device
-    quad, order = _pruned_quadrature(grid, log_lik, log_prior_grid)
+    quad = _grid_quadrature(grid, log_lik, log_prior_grid)
     rows = torch.arange(b, device=device)
     # candidates (global indices; missing ones padded with the MAP) -> quadrature positions
     candidates = global_est.top_candidates.to(device)
@@ -519,7 +534,7 @@ def _refine(
         if not last:
             # next level: one ball about the current MAP, finer
             idx = est.index_map.to(device)
-            centres = quad.rotations[rows, idx][:, None]
+            centres = quad.rotation_at(rows, idx)[:, None]
             radius_deg = step_deg
             step_deg = step_deg / config.refine_factor
     if config.newton_finish:
@@ -529,7 +544,7 @@ def _refine(
         else:
             cand = est.top_candidates.to(device)
             cand = torch.where(cand < 0, est.index_map[:, None].to(device), cand)
-            starts = quad.rotations[rows[:, None], cand]
+            starts = quad.rotation_at(rows[:, None], cand)
             best_t = quad.log_lik[rows[:, None], cand].argmax(-1)
         est = _newton_finish(
             scorer, images, ctf, sigma2, shifts, quad, starts, best_t, finest_deg, prior,
@@ -584,7 +599,7 @@ def _newton_finish(
         lik = scorer.score_rotations(images, ctf, sigma2, flat.float(), shifts).double()
     lp = prior.log_prior(flat).to(device=device, dtype=torch.float64)
     log_w = torch.where(torch.isfinite(log_w), log_w, -math.inf).reshape(b, k * 7)
-    first_new = quad.rotations.shape[1]
+    first_new = quad.n_points
     quad.replace_ball(modes, radius, flat, lik, lp, log_weights=log_w, active=sharp)
     est = summarize_posterior(
         quad.log_lik,

@@ -8,10 +8,10 @@ posterior narrower than the spacing by one point. Near a mode the log-likelihood
 
 so a few Gauss-Newton steps find the mode ``w*`` without a grid, and ``H`` (the Fisher
 information of the Gaussian likelihood, ``sum_k Re(J_k^H J_k) / sigma^2(k)``) gives the mode's
-width. The template's derivative is exact up to interpolation: the slice of ``R exp(w)`` samples
-the volume transform at ``q = R exp(w) (k_x, k_y, 0)``, so ``dq/dw = -R [k]x`` and
-``dX/dw = grad V(q)^T dq/dw`` with ``grad V`` interpolated from the transform of
-``-2 pi i x v(x)`` (:meth:`cryopose.imaging.Projector.sample_with_gradient`).
+width. The template's derivative is that of the interpolated template: the slice of
+``R exp(w)`` samples the volume transform at ``q = R exp(w) (k_x, k_y, 0)``, so
+``dq/dw = -R [k]x`` and ``dX/dw = grad V(q)^T dq/dw`` with ``grad V`` the derivative of the
+trilinear interpolant (:meth:`cryopose.imaging.Projector.sample_with_gradient`).
 
 Steps are damped (Levenberg-Marquardt, a rejected step raises the damping and is retried from
 the previous point) and coarse-to-fine in frequency: far from the mode the high frequencies of
@@ -94,6 +94,8 @@ def gauss_newton_poses(
     *,
     bands: list[float] | None = None,
     start_error_deg: float = 7.5,
+    merge: bool = True,
+    prune_nats: float | None = 20.0,
 ) -> NewtonResult:
     """Polish poses by damped Gauss-Newton on the exact likelihood of the scorer.
 
@@ -112,6 +114,19 @@ def gauss_newton_poses(
         :func:`band_schedule` of ``start_error_deg``.
     start_error_deg : float
         Typical distance of the starts from the mode (e.g. the grid spacing), in degrees.
+    merge : bool
+        Before the first full-band evaluation, merge the starts of one image (with the same
+        shift) that have converged to within a quarter of a Fourier pixel at the last finite
+        band's edge (``0.25 / band`` rad) of a better one: the full-band iterations, most of
+        the work, then run once per basin; a merged start returns its survivor's result.
+    prune_nats : float or None
+        At the same point, drop the starts whose band-limited log-likelihood plus Newton
+        decrement (the quadratic model's estimate of their band-limited mode) is more than
+        this many nats below the image's best start; they return the best start's result.
+        Safe for the true pose: for any band, the expected log-likelihood gain of the true
+        pose over another is ``E = sum |dX|^2 / (2 sigma^2) >= 0`` with variance ``2 E``, so
+        it falls ``T`` nats behind with probability at most ``Phi(-sqrt(2 T))`` (2e-10 at
+        T = 20). None: keep every start (requires ``merge``).
 
     Returns
     -------
@@ -140,60 +155,83 @@ def gauss_newton_poses(
     w_all = w[:, m]
     c_all = c[:, m] if c is not None else None
     projector = scorer.projector
-    eye = torch.eye(3, dtype=scorer.dtype, device=scorer.device)
+    dev, dt = scorer.device, scorer.dtype
 
-    best_rot = rot.clone()
-    best_ll = torch.full((b, k_starts), -math.inf, dtype=scorer.dtype, device=scorer.device)
-    best_g = torch.zeros(b, k_starts, 3, dtype=scorer.dtype, device=scorer.device)
-    best_h = eye.expand(b, k_starts, 3, 3).clone()
-    damping = torch.full((b, k_starts), 1e-3, dtype=scorer.dtype, device=scorer.device)
+    # Flat state over the active (image, start) pairs; ``owner[a]`` is pair a's image.
+    n_pairs = b * k_starts
+    owner = torch.arange(b, device=dev).repeat_interleave(k_starts)  # [A]
+    alias = torch.arange(n_pairs, device=dev)  # result row of each (b, k): itself or survivor
+    active = torch.arange(n_pairs, device=dev)  # flat (b, k) index of each active pair
+    current = rot.reshape(n_pairs, 3, 3)
+    pair_shift = shifts.reshape(n_pairs, 2)
+    best_rot = current.clone()
+    best_ll = torch.full((n_pairs,), -math.inf, dtype=dt, device=dev)
+    best_g = torch.zeros(n_pairs, 3, dtype=dt, device=dev)
+    best_h = torch.eye(3, dtype=dt, device=dev).expand(n_pairs, 3, 3).clone()
+    damping = torch.full((n_pairs,), 1e-3, dtype=dt, device=dev)
+    out_rot, out_ll, out_h = best_rot.clone(), best_ll.clone(), best_h.clone()
     previous_band = None
-    current = rot
     for it, band in enumerate(bands):
+        if (merge and k_starts > 1 and not math.isfinite(band) and previous_band is not None
+                and math.isfinite(previous_band) and active.numel() == n_pairs):
+            # every pair is still active here (the merge happens once), in [B, K] order
+            # upper estimate of each start's band-limited mode: value + Newton decrement
+            diag = torch.diagonal(best_h, dim1=-2, dim2=-1)
+            reg = torch.diag_embed(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-30)
+                                   .expand(-1, 3))
+            decrement = 0.5 * (best_g * torch.linalg.solve(best_h + reg, best_g[..., None])[
+                ..., 0]).sum(-1)
+            keep, alias = _merge_starts(
+                best_rot.reshape(b, k_starts, 3, 3), best_ll.reshape(b, k_starts),
+                pair_shift.reshape(b, k_starts, 2), 0.25 / previous_band,
+                upper=(best_ll + decrement.clamp_min(0.0)).reshape(b, k_starts),
+                prune_nats=prune_nats,
+            )
+            active, owner, pair_shift = active[keep], owner[keep], pair_shift[keep]
+            best_rot, best_ll, best_g = best_rot[keep], best_ll[keep], best_g[keep]
+            best_h, damping, current = best_h[keep], damping[keep], current[keep]
         sel = torch.nonzero(radius <= band).reshape(-1) if math.isfinite(band) else None
         kx = kx_all if sel is None else kx_all[sel]
         ky = ky_all if sel is None else ky_all[sel]
-        yk = y_all if sel is None else y_all[:, sel]
-        wk = w_all if sel is None else w_all[:, sel]
-        ck = c_all if (c_all is None or sel is None) else c_all[:, sel]
+        yk = (y_all if sel is None else y_all[:, sel])[owner]  # [A, P]
+        wk = (w_all if sel is None else w_all[:, sel])[owner]
+        ck = None if c_all is None else (c_all if sel is None else c_all[:, sel])[owner]
         # The shift phase goes on the data (|phase| = 1): r = y conj(phase) - C X(q).
-        yr, yi = yk.real[:, None, :], yk.imag[:, None, :]
         if shifts_px is None:
-            data_r, data_i = yr, yi
+            data_r, data_i = yk.real, yk.imag
         else:
             phase = (2.0 * math.pi / scorer.box) * (
-                shifts[..., 0:1] * kx + shifts[..., 1:2] * ky
+                pair_shift[:, 0:1] * kx + pair_shift[:, 1:2] * ky
             )
-            cos, sin = torch.cos(phase), torch.sin(phase)  # [B, K, P]
-            data_r, data_i = yr * cos - yi * sin, yr * sin + yi * cos
-        ctf_k = ck[:, None, :] if ck is not None else None
+            cos, sin = torch.cos(phase), torch.sin(phase)  # [A, P]
+            data_r = yk.real * cos - yk.imag * sin
+            data_i = yk.real * sin + yk.imag * cos
         # template and its gradient at q = R (kx, ky, 0)
-        q = current[..., None, :, 0] * kx[:, None] + current[..., None, :, 1] * ky[:, None]
-        v = projector.sample_with_gradient_ri(q)  # [4, 2, B, K, P]
-        xr, xi = (v[0, 0], v[0, 1]) if ctf_k is None else (v[0, 0] * ctf_k, v[0, 1] * ctf_k)
+        q = current[:, None, :, 0] * kx[:, None] + current[:, None, :, 1] * ky[:, None]
+        v = projector.sample_with_gradient_ri(q)  # [4, 2, A, P]
+        xr, xi = (v[0, 0], v[0, 1]) if ck is None else (v[0, 0] * ck, v[0, 1] * ck)
         res_r, res_i = data_r - xr, data_i - xi
-        wkb = wk[:, None, :]
-        ll = -0.5 * (wkb * (res_r * res_r + res_i * res_i)).sum(-1)
-        # u = grad^T R (rows), J = -u^T [k]x, per real / imaginary part: [B, K, P, 3]
-        grad = v[1:].permute(1, 2, 3, 4, 0)  # [2, B, K, P, 3]
+        ll = -0.5 * (wk * (res_r * res_r + res_i * res_i)).sum(-1)
+        # u = grad^T R (rows), J = -u^T [k]x, per real / imaginary part: [2, A, P, 3]
+        grad = v[1:].permute(1, 2, 3, 0)  # [2, A, P, 3]
         u = grad @ current[None]
-        jac = _cross_matrix_rows(kx, ky, u)  # [2, B, K, P, 3]
-        wc = wkb if ctf_k is None else wkb * ctf_k  # [B, K, P]
-        g = torch.einsum("bkp,bkpj->bkj", wc * res_r, jac[0]) + torch.einsum(
-            "bkp,bkpj->bkj", wc * res_i, jac[1]
+        jac = _cross_matrix_rows(kx, ky, u)  # [2, A, P, 3]
+        wc = wk if ck is None else wk * ck  # [A, P]
+        g = torch.einsum("ap,apj->aj", wc * res_r, jac[0]) + torch.einsum(
+            "ap,apj->aj", wc * res_i, jac[1]
         )
-        wcc = wkb if ctf_k is None else wkb * ctf_k * ctf_k
+        wcc = wk if ck is None else wk * ck * ck
         jw = jac * wcc[None, ..., None]
-        h = jw[0].transpose(-1, -2) @ jac[0] + jw[1].transpose(-1, -2) @ jac[1]  # [B, K, 3, 3]
+        h = jw[0].transpose(-1, -2) @ jac[0] + jw[1].transpose(-1, -2) @ jac[1]  # [A, 3, 3]
         if band != previous_band:
-            accept = torch.ones(b, k_starts, dtype=torch.bool, device=scorer.device)
+            accept = torch.ones_like(ll, dtype=torch.bool)
         else:
             accept = ll >= best_ll
-        a4 = accept[..., None, None]
-        best_rot = torch.where(a4, current, best_rot)
+        a3 = accept[:, None, None]
+        best_rot = torch.where(a3, current, best_rot)
         best_ll = torch.where(accept, ll, best_ll)
-        best_g = torch.where(accept[..., None], g, best_g)
-        best_h = torch.where(a4, h, best_h)
+        best_g = torch.where(accept[:, None], g, best_g)
+        best_h = torch.where(a3, h, best_h)
         damping = torch.where(accept, damping / 3.0, damping * 10.0).clamp(1e-6, 1e6)
         previous_band = band
         if it + 1 == len(bands):
@@ -201,21 +239,83 @@ def gauss_newton_poses(
         # damped step from the best point; at most ~1 Fourier pixel at the band edge
         diag = torch.diagonal(best_h, dim1=-2, dim2=-1)
         scale = diag.mean(-1).clamp_min(1e-30)
-        lhs = best_h + torch.diag_embed(damping[..., None] * diag + 1e-9 * scale[..., None])
+        lhs = best_h + torch.diag_embed(damping[:, None] * diag + 1e-9 * scale[:, None])
         step = torch.linalg.solve(lhs, best_g[..., None])[..., 0]
         band_now = band if math.isfinite(band) else scorer.box / 2
         limit = 1.0 / band_now
         norm = step.norm(dim=-1, keepdim=True)
         step = step * torch.clamp(limit / norm.clamp_min(1e-30), max=1.0)
         current = best_rot @ rotvec_to_matrix(step)
+    out_rot[active], out_ll[active], out_h[active] = best_rot, best_ll, best_h
+    out_rot, out_ll, out_h = out_rot[alias], out_ll[alias], out_h[alias]
     # -|y - C X|^2 / 2 over the template points counts -|y|^2 / 2 there, which ``const`` (over
     # every coefficient) already holds: add it back so the value equals score_rotations'.
     y_norm = 0.5 * (w_all * (y_all.real**2 + y_all.imag**2)).sum(-1)
     return NewtonResult(
-        rotations=best_rot,
-        hessian=best_h,
-        log_likelihood=best_ll + (const + y_norm)[:, None],
+        rotations=out_rot.reshape(b, k_starts, 3, 3),
+        hessian=out_h.reshape(b, k_starts, 3, 3),
+        log_likelihood=out_ll.reshape(b, k_starts) + (const + y_norm)[:, None],
     )
+
+
+def _merge_starts(
+    rotations: torch.Tensor,
+    log_lik: torch.Tensor,
+    shifts: torch.Tensor,
+    radius_rad: float,
+    *,
+    upper: torch.Tensor | None = None,
+    prune_nats: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy merge of the ``K`` starts of each image that share a basin, and pruning of the
+    starts that cannot catch up with the best one.
+
+    Parameters
+    ----------
+    rotations : torch.Tensor
+        ``[B, K, 3, 3]`` current best rotations.
+    log_lik : torch.Tensor
+        ``[B, K]`` their log-likelihoods.
+    shifts : torch.Tensor
+        ``[B, K, 2]`` their fixed shifts (only starts with equal shifts merge).
+    radius_rad : float
+        Starts within this geodesic distance of a kept, better start join it.
+    upper : torch.Tensor, optional
+        ``[B, K]`` upper estimates of what each start can still reach.
+    prune_nats : float, optional
+        Starts with ``upper < max(log_lik) - prune_nats`` join the best start.
+
+    Returns
+    -------
+    keep : torch.Tensor
+        Flat ``b * K + k`` indices of the kept starts (increasing).
+    survivor : torch.Tensor
+        ``[B * K]`` flat index of the kept start each start takes its result from.
+    """
+    b, k = log_lik.shape
+    rows = torch.arange(b, device=log_lik.device)
+    order = torch.argsort(-log_lik, dim=1, stable=True)  # best first
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(k, device=order.device).expand(b, k).contiguous())
+    traces = torch.einsum("bkij,blij->bkl", rotations, rotations)  # tr(R_k^T R_l)
+    same_shift = (shifts[:, :, None] == shifts[:, None, :]).all(-1)
+    near = same_shift & (traces > 1.0 + 2.0 * math.cos(radius_rad))  # [B, K, K]
+    kept = torch.zeros(b, k, dtype=torch.bool, device=log_lik.device)
+    survivor = torch.arange(k, device=log_lik.device).expand(b, k).clone()
+    for position in range(k):  # K is small (the number of starts)
+        i = order[:, position]
+        candidates = near[rows, i] & kept  # only better starts are kept so far
+        first = torch.where(candidates, rank, k).argmin(dim=1)  # best-ranked candidate
+        has = candidates.any(dim=1)
+        survivor[rows, i] = torch.where(has, first, i)
+        kept[rows, i] = ~has
+    if upper is not None and prune_nats is not None:
+        hopeless = upper < log_lik.amax(dim=1, keepdim=True) - prune_nats
+        kept = kept & ~hopeless  # (never the best start: its upper >= its own value)
+        # hopeless starts, and the starts merged into one, join the best start
+        survivor = torch.where(hopeless | hopeless.gather(1, survivor), order[:, :1], survivor)
+    flat = survivor + (rows * k)[:, None]
+    return torch.nonzero(kept.reshape(-1)).reshape(-1), flat.reshape(-1)
 
 
 def laplace_cubature(

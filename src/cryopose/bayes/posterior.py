@@ -291,13 +291,49 @@ def rotation_log_posterior(
     return x - torch.logsumexp(x, dim=1, keepdim=True)
 
 
+class _GridPlusExtra:
+    """Rotations of a chunk: the shared grid ``[G, 9]`` followed by per-particle extra points
+    ``[r, E, 9]`` (point ``g < G`` is grid row ``g``, point ``G + e`` is particle b's extra
+    ``e``), so a refined quadrature never copies the grid once per particle."""
+
+    ndim = 0  # neither the shared (2) nor the per-particle (3) tensor layout
+
+    def __init__(self, grid: torch.Tensor, extra: torch.Tensor):
+        self.grid, self.extra = grid, extra
+        self.g = grid.shape[0]
+        self.dtype = grid.dtype
+
+    def at(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Rotations ``[..., 9]`` of points ``col`` of particles ``row`` (same shapes)."""
+        in_grid = col < self.g
+        from_grid = self.grid[col.clamp(max=self.g - 1)]
+        from_extra = self.extra[row, (col - self.g).clamp(min=0)]
+        return torch.where(in_grid[..., None], from_grid, from_extra)
+
+    def subset(self, rows: torch.Tensor) -> _GridPlusExtra:
+        return _GridPlusExtra(self.grid, self.extra[rows])
+
+
 class _Rotations:
-    """Shared ``[G, 3, 3]`` or per-particle ``[B, G, 3, 3]`` grid rotations in the work dtype."""
+    """Shared ``[G, 3, 3]``, per-particle ``[B, G, 3, 3]``, or shared grid plus per-particle
+    extra (``([G0, 3, 3], [B, E, 3, 3])``, ``G = G0 + E``) rotations in the work dtype."""
 
     def __init__(
-        self, rotations: torch.Tensor, b: int, g: int, device: torch.device, dtype: torch.dtype
+        self, rotations, b: int, g: int, device: torch.device, dtype: torch.dtype
     ):
-        if rotations.ndim == 3 and tuple(rotations.shape) == (g, 3, 3):
+        self.mixed = isinstance(rotations, tuple)
+        if self.mixed:
+            grid, extra = rotations
+            if (grid.ndim != 3 or grid.shape[1:] != (3, 3) or extra.ndim != 4
+                    or extra.shape[0] != b or extra.shape[2:] != (3, 3)
+                    or grid.shape[0] + extra.shape[1] != g):
+                raise ValueError(
+                    f"rotations: expected ([G0, 3, 3], [B, E, 3, 3]) with B = {b}, "
+                    f"G0 + E = {g}, got {tuple(grid.shape)} and {tuple(extra.shape)}"
+                )
+            self.shared = False
+            self.flat = grid.reshape(-1, 9).to(dtype=dtype, device=device)
+        elif rotations.ndim == 3 and tuple(rotations.shape) == (g, 3, 3):
             self.shared = True
         elif rotations.ndim == 4 and tuple(rotations.shape) == (b, g, 3, 3):
             self.shared = False
@@ -312,34 +348,59 @@ class _Rotations:
         if self.shared:
             self.flat = rotations.reshape(g, 9).to(dtype=dtype, device=device)
 
-    def chunk(self, start: int, stop: int) -> torch.Tensor:
-        """``[G, 9]`` (shared) or ``[r, G, 9]`` rotations of particles start:stop (work dtype)."""
+    def chunk(self, start: int, stop: int):
+        """``[G, 9]`` (shared), ``[r, G, 9]`` or a :class:`_GridPlusExtra` for particles
+        start:stop (work dtype)."""
         if self.shared:
             return self.flat
+        if self.mixed:
+            part = self.source[1][start:stop]
+            part = part.reshape(part.shape[0], part.shape[1], 9)
+            return _GridPlusExtra(self.flat, part.to(dtype=self.dtype, device=self.device))
         part = self.source[start:stop]
         part = part.reshape(part.shape[0], part.shape[1], 9)
         return part.to(dtype=self.dtype, device=self.device)
 
     @staticmethod
-    def weighted_sum(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(flat, weights: torch.Tensor) -> torch.Tensor:
         """``sum_g w[b, g] R_g`` as ``[r, 9]`` (one GEMM / batched GEMM)."""
+        if isinstance(flat, _GridPlusExtra):
+            return weights[:, : flat.g] @ flat.grid + torch.bmm(
+                weights[:, None, flat.g :], flat.extra
+            )[:, 0]
         if flat.ndim == 2:
             return weights @ flat
         return torch.bmm(weights[:, None, :], flat)[:, 0]
 
     @staticmethod
-    def traces(flat: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    def traces(flat, probes: torch.Tensor) -> torch.Tensor:
         """``tr(P_b^T R_g) = <P_b, R_g>_F`` for probes ``[r, 9]`` -> ``[r, G]``."""
+        if isinstance(flat, _GridPlusExtra):
+            return torch.cat(
+                [probes @ flat.grid.T, torch.bmm(flat.extra, probes[:, :, None])[..., 0]], dim=1
+            )
         if flat.ndim == 2:
             return probes @ flat.T
         return torch.bmm(flat, probes[:, :, None])[..., 0]
 
     @staticmethod
-    def gather(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def gather(flat, index: torch.Tensor) -> torch.Tensor:
         """``R_{index[b]}`` as ``[r, 9]``."""
+        rows = torch.arange(index.shape[0], device=index.device)
+        if isinstance(flat, _GridPlusExtra):
+            return flat.at(rows, index)
         if flat.ndim == 2:
             return flat[index]
-        return flat[torch.arange(index.shape[0], device=flat.device), index]
+        return flat[rows, index]
+
+    @staticmethod
+    def at(flat, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Rotations ``[n, 9]`` of the listed (particle, point) pairs."""
+        if isinstance(flat, _GridPlusExtra):
+            return flat.at(row, col)
+        if flat.ndim == 2:
+            return flat[col]
+        return flat[row, col]
 
 
 def _symmetric_traces(
@@ -355,6 +416,11 @@ def _symmetric_traces(
         return _Rotations.traces(flat, ref.reshape(-1, 9)), None
     r, h = ref.shape[0], group.shape[0]
     probes = (group[None] @ ref[:, None]).reshape(r, h, 9)
+    if isinstance(flat, _GridPlusExtra):
+        grid_tr = (probes.reshape(r * h, 9) @ flat.grid.T).reshape(r, h, flat.g).max(dim=1)
+        extra_tr = torch.bmm(flat.extra, probes.transpose(1, 2)).max(dim=2)
+        return (torch.cat([grid_tr[0], extra_tr[0]], dim=1),
+                torch.cat([grid_tr[1], extra_tr[1]], dim=1))
     if flat.ndim == 2:
         traces = (probes.reshape(r * h, 9) @ flat.T).reshape(r, h, flat.shape[0])
         return traces.max(dim=1)
@@ -378,7 +444,9 @@ def _greedy_candidates(
     device = log_p.device
     m = min(g, max(64, 16 * n_candidates))
     top_log_p, top_index = log_p.topk(m, dim=1)
-    if flat.ndim == 2:
+    if isinstance(flat, _GridPlusExtra):
+        top_rot = flat.at(torch.arange(r, device=device)[:, None].expand(r, m), top_index)
+    elif flat.ndim == 2:
         top_rot = flat[top_index]
     else:
         top_rot = torch.gather(flat, 1, top_index[..., None].expand(r, m, 9))
@@ -397,7 +465,9 @@ def _greedy_candidates(
     if m < g and bool(short.any()):
         redo = torch.nonzero(short)[:, 0]
         candidates[redo] = _greedy_full(
-            flat if flat.ndim == 2 else flat[redo], log_p[redo], group, n_candidates,
+            flat if isinstance(flat, torch.Tensor) and flat.ndim == 2 else (
+                flat.subset(redo) if isinstance(flat, _GridPlusExtra) else flat[redo]),
+            log_p[redo], group, n_candidates,
             separation_trace,
         )
     return candidates
@@ -477,10 +547,12 @@ def summarize_posterior(
         ``[B, G, T]`` log-likelihoods ``log p(y_b | R_g, t_j)`` up to a per-image constant
         (``[B, G]`` is read as ``T = 1``). ``-inf`` excludes a point; NaN and ``+inf`` are
         errors.
-    rotations : torch.Tensor or SO3Grid
+    rotations : torch.Tensor or tuple or SO3Grid
         ``[G, 3, 3]`` shared grid rotations, ``[B, G, 3, 3]`` per-particle rotation sets (local
-        refinement), or a :class:`cryopose.so3.grids.SO3Grid` (its weights are used as
-        quadrature weights and its in-plane step as the grid spacing unless given).
+        refinement), a pair ``([G0, 3, 3] shared, [B, E, 3, 3] per particle)`` with
+        ``G = G0 + E`` (a grid refined by extra points per particle, e.g. Laplace cubatures),
+        or a :class:`cryopose.so3.grids.SO3Grid` (its weights are used as quadrature weights
+        and its in-plane step as the grid spacing unless given).
     shifts_px : torch.Tensor, optional
         ``[T, 2]`` or per-particle ``[B, T, 2]`` candidate shifts in pixels; ``None`` means one
         zero shift (``T`` must then be 1).
@@ -512,8 +584,11 @@ def summarize_posterior(
     grid_weights = getattr(rotations, "weights", None)
     inplane_step = getattr(rotations, "inplane_step_deg", None)
     rotations = getattr(rotations, "matrices", rotations)
-    if not isinstance(rotations, torch.Tensor):
-        raise ValueError(f"rotations: expected a tensor or an SO3Grid, got {type(rotations)}")
+    mixed = isinstance(rotations, tuple) and len(rotations) == 2 and all(
+        isinstance(x, torch.Tensor) for x in rotations)
+    if not (isinstance(rotations, torch.Tensor) or mixed):
+        raise ValueError(f"rotations: expected a tensor, a (grid, extra) pair or an SO3Grid, "
+                         f"got {type(rotations)}")
     if not isinstance(log_likelihood, torch.Tensor) or log_likelihood.ndim not in (2, 3):
         shape = getattr(log_likelihood, "shape", type(log_likelihood).__name__)
         raise ValueError(f"log_likelihood: expected a [B, G, T] or [B, G] tensor, got {shape}")
@@ -522,7 +597,8 @@ def summarize_posterior(
     if b == 0 or g == 0 or t == 0:
         raise ValueError(f"log_likelihood: expected non-empty [B, G, T], got {tuple(ll_all.shape)}")
     device = ll_all.device
-    out_dtype = rotations.dtype if rotations.is_floating_point() else torch.get_default_dtype()
+    first_rot = rotations[0] if mixed else rotations
+    out_dtype = first_rot.dtype if first_rot.is_floating_point() else torch.get_default_dtype()
     work = ll_all.dtype if ll_all.dtype in (torch.float32, torch.float64) else torch.float64
     rots = _Rotations(rotations, b, g, device, work)
     if log_quadrature_weights is None and grid_weights is not None:
@@ -564,6 +640,8 @@ def summarize_posterior(
             min_separation_deg = 2.0 * float(inplane_step)
         elif g >= 2:
             first = rotations if rots.shared else rotations[0]
+            if mixed:
+                first = rotations[0]  # the shared grid's spacing
             min_separation_deg = 2.0 * estimate_grid_spacing_deg(first)
         else:
             min_separation_deg = 0.0
@@ -697,7 +775,7 @@ def _summarize_chunk(
         linear = torch.nonzero(keep.reshape(-1))[:, 0]
         sig_row, sig_col = linear // g, linear % g
     del keep
-    points = None if dense else (flat[sig_col] if flat.ndim == 2 else flat.reshape(-1, 9)[linear])
+    points = None if dense else _Rotations.at(flat, sig_row, sig_col)
 
     def take(values: torch.Tensor) -> torch.Tensor:
         flat_values = values.reshape(-1)
@@ -734,7 +812,7 @@ def _summarize_chunk(
     else:
         h = group.shape[0]
         if points is None:
-            points = flat[sig_col] if flat.ndim == 2 else flat.reshape(-1, 9)
+            points = _Rotations.at(flat, sig_row, sig_col)
         parts = torch.zeros(r * h, 9, dtype=work, device=device)
         parts.index_add_(0, sig_row * h + copy_sig, points * w_sig[:, None])
         mean = torch.einsum("hji,rhjk->rik", group, parts.reshape(r, h, 3, 3))

@@ -303,7 +303,7 @@ class ReferenceScorer:
             lc = self._chunk(3 * k * elem * 3 + b * t * elem, n_l)
             left2 = left.reshape(b * t, 2 * k)
             for s in range(0, n_l, lc):
-                x = self.projector.slices(rot[s : s + lc])[:, m]  # [Lc, K]
+                x = self._templates(rot[s : s + lc])  # [Lc, K]
                 xr = torch.cat([x.real, x.imag], dim=-1).T  # [2K, Lc]
                 cross = (left2 @ xr).reshape(b, t, -1)
                 norm = q @ (x.real**2 + x.imag**2).T  # [B, Lc]
@@ -313,7 +313,7 @@ class ReferenceScorer:
             out = torch.empty(b, n_l, t, dtype=self.dtype, device=self.device)
             lc = self._chunk(b * 3 * k * elem * 3, n_l)
             for s in range(0, n_l, lc):
-                x = self.projector.slices(rot[:, s : s + lc])[:, :, m]  # [B, Lc, K]
+                x = self._templates(rot[:, s : s + lc])  # [B, Lc, K]
                 xr = torch.cat([x.real, x.imag], dim=-1).transpose(1, 2)  # [B, 2K, Lc]
                 cross = torch.bmm(left, xr)  # [B, T, Lc]
                 norm = torch.bmm(q[:, None, :], (x.real**2 + x.imag**2).transpose(1, 2))
@@ -394,7 +394,7 @@ class ReferenceScorer:
         vc = self._chunk(b * 3 * k * elem * 3, n_v)
         out = torch.empty(b, n_v, n_p, n_t, dtype=self.dtype, device=self.device)
         for s in range(0, n_v, vc):
-            x = self.projector.slices(rot[:, s : s + vc])[:, :, m]  # [B, Vc, K]
+            x = self._templates(rot[:, s : s + vc])  # [B, Vc, K]
             xr = torch.cat([x.real, x.imag], dim=-1).transpose(1, 2)  # [B, 2K, Vc]
             cross = torch.bmm(left, xr).reshape(b, n_p, n_t, -1)
             norm = torch.bmm(q, (x.real**2 + x.imag**2).transpose(1, 2))  # [B, P, Vc]
@@ -411,17 +411,15 @@ class ReferenceScorer:
 
     def _sample_volume(self, points: torch.Tensor) -> torch.Tensor:
         """Padded 3D transform at ``[..., 3]`` (x, y, z) points in N-box Fourier pixels."""
-        proj = self.projector
-        grid = proj.grid_coordinates(points)
-        shape = points.shape[:-1]
-        flat = grid.reshape(1, 1, 1, -1, 3)
-        out = []
-        step = 1 << 21
-        for s in range(0, flat.shape[3], step):
-            v = F.grid_sample(proj._ft_ri, flat[:, :, :, s : s + step], mode="bilinear",
-                              padding_mode="zeros", align_corners=True)[0, :, 0, 0, :]
-            out.append(torch.complex(v[0], v[1]))
-        return torch.cat(out).reshape(shape)
+        v = self.projector.sample_ri(points)
+        return torch.complex(v[0], v[1])
+
+    def _templates(self, rotations: torch.Tensor) -> torch.Tensor:
+        """Central-slice values ``[..., K]`` at the template points of ``rotations``
+        ``[..., 3, 3]`` (what ``projector.slices(rotations)[..., _tmask]`` holds)."""
+        rot = rotations.to(self.dtype)
+        q = rot[..., None, :, 0] * self._kx[:, None] + rot[..., None, :, 1] * self._ky[:, None]
+        return self._sample_volume(q)
 
     def _interp_polar(self, spec_half: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
         """Interpolate Hermitian centred-rfft spectra ``[B, N, N//2+1]`` at polar points.

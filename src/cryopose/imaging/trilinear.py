@@ -1,6 +1,6 @@
-"""Trilinear corners and weights on a flat cubic grid: the one kernel behind the Fourier
-gather (:meth:`cryopose.imaging.Projector.sample_with_gradient_ri`) and the Fourier scatter
-(:class:`cryopose.reconstruct.FourierAccumulator`)."""
+"""Trilinear corners and weights on a flat cubic grid: the kernel behind the Fourier scatter
+(:class:`cryopose.reconstruct.FourierAccumulator`). (The gather,
+:meth:`cryopose.imaging.Projector.sample_with_gradient_ri`, reads 2x2 corner blocks instead.)"""
 
 from __future__ import annotations
 
