@@ -118,10 +118,14 @@ def test_band_schedule_starts_coarse_and_ends_full():
     bands = band_schedule(7.5, 64)
     assert bands[0] == pytest.approx(1.0 / math.radians(7.5))
     finite = [b for b in bands if math.isfinite(b)]
-    assert finite == pytest.approx([bands[0], 2 * bands[0]])  # 7.6, 15.3; 30.6 is "full"
-    assert bands[len(finite):] == [math.inf] * 3
+    # 7.6, 10.8, 15.3, 21.6, 30.6 (< 32), then the full band twice
+    assert finite == pytest.approx([bands[0] * math.sqrt(2.0) ** i for i in range(5)])
+    assert bands[len(finite):] == [math.inf] * 2
+    assert band_schedule(7.5, 64, full_iterations=2, growth=2.0)[3:] == [math.inf] * 3
     with pytest.raises(ValueError, match="start_error_deg"):
         band_schedule(0.0, 64)
+    with pytest.raises(ValueError, match="growth"):
+        band_schedule(7.5, 64, growth=1.0)
 
 
 @pytest.mark.parametrize("n", [32, 33])

