@@ -211,6 +211,7 @@ class _Quadrature:
     ):
         b = log_lik.shape[0]
         self.grid = grid  # [G, 3, 3]
+        self._grid32 = grid.reshape(-1, 9).float()  # for the ball tests
         self.extra = grid.new_zeros(b, 0, 3, 3)  # [B, E, 3, 3]
         self.log_lik = log_lik  # [B, G + E, T]
         self.log_weights = log_weights  # [B, G + E] log Haar mass of each point's cell
@@ -259,15 +260,21 @@ class _Quadrature:
         else:
             threshold = 1.0 + 2.0 * math.cos(radius_rad)
         centres_t = flat_centres.transpose(1, 2)  # [B, 9, K]
-        # one GEMM [G, 9] x [9, B K] (a broadcast matmul would run B small ones)
-        traces = (self.grid.reshape(-1, 9) @ flat_centres.reshape(b * k, 9).T).reshape(
-            -1, b, k).permute(1, 0, 2)  # [B, G, K]
-        if self.extra.shape[1]:
-            traces = torch.cat([traces, torch.bmm(self.extra.reshape(b, -1, 9), centres_t)], 1)
-        inside_each = traces > threshold
+        # grid part: one float32 GEMM [G, 9] x [9, B K] (a broadcast matmul would run B small
+        # float64 ones; a trace off by 1e-6 only moves a point on the ball's very edge)
+        grid32 = self._grid32
+        cut = threshold.float() if isinstance(threshold, torch.Tensor) else threshold
+        centres32 = flat_centres.reshape(b * k, 9).float()
+        grid_inside = ((grid32 @ centres32.T).reshape(-1, b, k) > (
+            cut.reshape(1, b, k) if isinstance(cut, torch.Tensor) else cut))  # [G, B, K]
         if active is not None:
-            inside_each = inside_each & active[:, None, :]
-        inside = inside_each.any(dim=-1)
+            grid_inside = grid_inside & active[None]
+        inside = grid_inside.any(dim=-1).T  # [B, G]
+        if self.extra.shape[1]:
+            extra_each = torch.bmm(self.extra.reshape(b, -1, 9), centres_t) > threshold
+            if active is not None:
+                extra_each = extra_each & active[:, None, :]
+            inside = torch.cat([inside, extra_each.any(dim=-1)], dim=1)
         self.log_weights = self.log_weights.masked_fill(inside, -math.inf)
         per_centre = rotations.shape[1] // k
         if log_weights is None:

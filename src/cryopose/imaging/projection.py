@@ -221,7 +221,8 @@ class Projector:
         for s in range(0, n, chunk):
             idx = index[s : s + chunk]
             # points farther out than the margin get value and gradient 0
-            outside = ((idx < 0) | (idx > m + 1)).any(-1)
+            low, high = torch.aminmax(idx)
+            outside = ((idx < 0) | (idx > m + 1)).any(-1) if (low < 0 or high > m + 1) else None
             base = torch.floor(idx).clamp_(0, side - 2)
             frac = (idx - base).clamp_(0.0, 1.0).T.contiguous()  # [3, k]
             b = base.to(torch.int64)
@@ -238,7 +239,7 @@ class Projector:
                 out[1, :, s : s + chunk] = (dx0 + fz * (dx1 - dx0)) * scale
                 out[2, :, s : s + chunk] = (dy0 + fz * (dy1 - dy0)) * scale
                 out[3, :, s : s + chunk] = dz * scale
-            if bool(outside.any()):
+            if outside is not None:
                 out[..., s : s + chunk].masked_fill_(outside, 0.0)
         return out.reshape(n_out, 2, *shape) if gradient else out.reshape(2, *shape)
 
