@@ -15,6 +15,7 @@ from cryopose.bayes.posterior import (
     marginalize_shifts,
     rotation_log_posterior,
     summarize_posterior,
+    top_candidates,
 )
 from cryopose.so3.conversions import axis_angle_to_matrix, matrix_to_rotvec, rotvec_to_matrix
 from cryopose.so3.distances import geodesic_distance
@@ -325,6 +326,25 @@ def test_grid_plus_extra_points_equal_the_materialised_rotation_sets(group, widt
     assert bool((reference.index_map >= len(grid)).any())  # the extra gather path is used
     with pytest.raises(ValueError, match="rotations"):
         summarize_posterior(ll, (grid.matrices, extra[:, :-1]), shifts)
+
+
+@pytest.mark.parametrize("group", [None, "D2"])
+def test_top_candidates_equal_the_summary_candidates(group):
+    grid = healpix_grid(1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(12)
+    ll = torch.randn(4, len(grid), 3, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 5.0, 30.0, 200.0], dtype=torch.float64)[:, None, None]
+    shifts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    lp = torch.randn(len(grid), generator=g, dtype=torch.float64)
+    full = summarize_posterior(ll, grid, shifts, log_prior=lp, group=group, n_candidates=3)
+    light = top_candidates(ll, grid, log_prior=lp, group=group, n_candidates=3)
+    assert torch.equal(light, torch.where(full.top_candidates < 0, full.top_candidates[:, :1],
+                                          full.top_candidates))
+    # a prior that forbids the best candidate moves it
+    lp2 = lp.clone()
+    lp2[light[:, 0]] = -math.inf
+    moved = top_candidates(ll, grid, log_prior=lp2, group=group, n_candidates=3)
+    assert not bool((moved[:, 0] == light[:, 0]).any())
 
 
 def test_grid_spacing_estimate_matches_healpix_steps():

@@ -23,7 +23,7 @@ import torch
 
 from cryopose.bayes.newton import gauss_newton_poses, laplace_cubature
 from cryopose.bayes.noise import estimate_noise_sigma2
-from cryopose.bayes.posterior import PoseEstimates, summarize_posterior
+from cryopose.bayes.posterior import PoseEstimates, summarize_posterior, top_candidates
 from cryopose.bayes.priors import parse_prior
 from cryopose.bayes.scoring import ReferenceScorer, shift_grid
 from cryopose.imaging.ctf import ctf_from_params
@@ -156,7 +156,6 @@ class EstimateResult:
 
     table: ParticleTable
     estimates: PoseEstimates
-    global_estimates: PoseEstimates
     sigma2: torch.Tensor
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
@@ -400,7 +399,6 @@ def estimate_poses(
             )
         log_prior_grid = prior.log_prior(grid.matrices.double()).to(device)
 
-        global_parts: list[PoseEstimates] = []
         final_parts: list[PoseEstimates] = []
         for b0 in range(0, n, config.batch_size):
             rows = rows_all[b0 : b0 + config.batch_size]
@@ -410,28 +408,30 @@ def estimate_poses(
             log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
             timings["score"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            global_est = summarize_posterior(
-                log_lik,
-                grid,
-                shifts,
-                log_prior=log_prior_grid,
-                group=group_arg,
-                n_candidates=config.n_starts,
-            )
+            refining = config.local_refine and (config.refine_levels > 0 or config.newton_finish)
+            if refining:
+                # only the starts are needed from the global grid: its full summary would be
+                # discarded (the refined quadrature contains the grid and is summarised)
+                candidates = top_candidates(
+                    log_lik if candidate_scorer is None else candidate_scorer.score_grid(
+                        images, ctf, sigma2, grid, shifts),
+                    grid,
+                    log_prior=log_prior_grid,
+                    group=group_arg,
+                    n_candidates=config.n_starts,
+                )
+            else:
+                global_est = summarize_posterior(
+                    log_lik,
+                    grid,
+                    shifts,
+                    log_prior=log_prior_grid,
+                    group=group_arg,
+                    n_candidates=config.n_starts,
+                )
             timings["summarize"] += time.perf_counter() - t0
-            global_parts.append(global_est.to("cpu"))
-            if config.local_refine and (config.refine_levels > 0 or config.newton_finish):
+            if refining:
                 t0 = time.perf_counter()
-                starts_est = global_est
-                if candidate_scorer is not None:
-                    starts_est = summarize_posterior(
-                        candidate_scorer.score_grid(images, ctf, sigma2, grid, shifts),
-                        grid,
-                        shifts,
-                        log_prior=log_prior_grid,
-                        group=group_arg,
-                        n_candidates=config.n_starts,
-                    )
                 final = _refine(
                     scorer,
                     images,
@@ -441,7 +441,7 @@ def estimate_poses(
                     grid,
                     log_lik,
                     log_prior_grid,
-                    starts_est,
+                    candidates,
                     prior,
                     group_arg,
                     config,
@@ -454,12 +454,10 @@ def estimate_poses(
                 progress(len(rows))
 
     estimates = PoseEstimates.concatenate(final_parts)
-    global_estimates = PoseEstimates.concatenate(global_parts)
     out = _output_table(table, estimates, config.method, px)
     return EstimateResult(
         table=out,
         estimates=estimates,
-        global_estimates=global_estimates,
         sigma2=sigma2.cpu(),
         seconds=time.perf_counter() - start,
         timings=timings,
@@ -491,7 +489,7 @@ def _refine(
     grid: SO3Grid,
     log_lik: torch.Tensor,
     log_prior_grid: torch.Tensor,
-    global_est: PoseEstimates,
+    candidates: torch.Tensor,
     prior,
     group: torch.Tensor | None,
     config: EstimateConfig,
@@ -503,8 +501,7 @@ def _refine(
     quad = _grid_quadrature(grid, log_lik, log_prior_grid)
     rows = torch.arange(b, device=device)
     # candidates (global indices; missing ones padded with the MAP) -> quadrature positions
-    candidates = global_est.top_candidates.to(device)
-    candidates = torch.where(candidates < 0, global_est.index_map[:, None].to(device), candidates)
+    candidates = candidates.to(device)  # [B, K] global grid indices (none missing)
     centres = grid.matrices.to(dtype)[candidates]  # [B, K, 3, 3]
     radius_deg = grid.inplane_step_deg
     step_deg = radius_deg / config.refine_factor
@@ -557,9 +554,8 @@ def _refine(
             scorer, images, ctf, sigma2, shifts, quad, starts, best_t, finest_deg, prior,
             group, config,
         )
-    elif est is None:
-        est = global_est
-    # the point-density MAP/MLE of the last summary already reflect every level
+    # (refine_levels >= 1 or newton_finish, so est is set); without the Newton finish the
+    # point-density MAP / MLE of the last summary already reflect every level
     return est
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "marginalize_shifts",
     "rotation_log_posterior",
     "summarize_posterior",
+    "top_candidates",
 ]
 
 MULTIMODAL_CONE_DEG = 20.0
@@ -289,6 +290,59 @@ def rotation_log_posterior(
         if extra is not None:
             x = x + extra
     return x - torch.logsumexp(x, dim=1, keepdim=True)
+
+
+def top_candidates(
+    log_likelihood: torch.Tensor,
+    grid,
+    *,
+    log_prior: torch.Tensor | None = None,
+    group: torch.Tensor | str | None = None,
+    n_candidates: int = 3,
+    min_separation_deg: float | None = None,
+) -> torch.Tensor:
+    """The distinct top candidates of :func:`summarize_posterior` alone (``[B, K]`` grid
+    indices, ordered by posterior mass, missing ones replaced by the first): what local
+    refinement starts from, without the summaries it would discard.
+
+    Parameters
+    ----------
+    log_likelihood : torch.Tensor
+        ``[B, G, T]`` or ``[B, G]`` log-likelihoods over a shared grid.
+    grid : SO3Grid
+        The grid (its weights are the quadrature weights, its in-plane step sets the default
+        separation, twice the step, as in :func:`summarize_posterior`).
+    log_prior : torch.Tensor, optional
+        ``[G]`` or ``[B, G]`` log prior density w.r.t. normalised Haar measure.
+    group : torch.Tensor or str, optional
+        Point group (candidates are distinct modulo the group).
+    n_candidates : int
+        ``K``.
+    min_separation_deg : float, optional
+        Minimum symmetric geodesic separation of the candidates.
+    """
+    ll = log_likelihood[..., None] if log_likelihood.ndim == 2 else log_likelihood
+    b, g, _ = ll.shape
+    log_q = torch.log(grid.weights.to(dtype=torch.float64, device=ll.device))
+    if min_separation_deg is None:
+        min_separation_deg = 2.0 * float(grid.inplane_step_deg)
+    if isinstance(group, str):
+        group = point_group(group, dtype=torch.float64, device=ll.device)
+    if group is not None and group.shape[0] == 1:
+        group = None
+    group = None if group is None else group.to(dtype=torch.float64, device=ll.device)
+    flat = grid.matrices.reshape(g, 9).to(dtype=torch.float64, device=ll.device)
+    separation = _trace_threshold(float(min_separation_deg))
+    out = []
+    rows = max(1, _CHUNK_ELEMENTS // (g * max(9, ll.shape[-1])))
+    for start in range(0, b, rows):
+        stop = min(b, start + rows)
+        lp = None if log_prior is None else (
+            log_prior if log_prior.ndim == 1 else log_prior[start:stop])
+        log_p = rotation_log_posterior(ll[start:stop], log_prior=lp, log_quadrature_weights=log_q)
+        cand = _greedy_candidates(flat, log_p, group, int(n_candidates), separation)
+        out.append(torch.where(cand < 0, cand[:, :1], cand))
+    return torch.cat(out)
 
 
 class _GridPlusExtra:
