@@ -163,18 +163,23 @@ def test_merge_starts_greedy_by_value_and_pruning():
     rot = torch.stack([torch.stack([eye, far, small]), torch.stack([eye, far, far @ far])])
     ll = torch.tensor([[1.0, 0.0, 2.0], [5.0, 4.0, -30.0]], dtype=torch.float64)
     shifts = torch.zeros(2, 3, 2, dtype=torch.float64)
-    keep, alias = _merge_starts(rot, ll, shifts, math.radians(1.0))
-    assert keep.tolist() == [1, 2, 3, 4, 5]
+    kept, alias = _merge_starts(rot, ll, shifts, math.radians(1.0))
+    assert torch.nonzero(kept).reshape(-1).tolist() == [1, 2, 3, 4, 5]
     assert alias.tolist() == [2, 1, 2, 3, 4, 5]
-    keep, alias = _merge_starts(rot, ll, shifts, math.radians(1.0), upper=ll + 1.0,
+    kept, alias = _merge_starts(rot, ll, shifts, math.radians(1.0), upper=ll + 1.0,
                                 prune_nats=20.0)
-    assert keep.tolist() == [1, 2, 3, 4]
+    assert torch.nonzero(kept).reshape(-1).tolist() == [1, 2, 3, 4]
     assert alias.tolist() == [2, 1, 2, 3, 4, 3]  # the hopeless start takes the best's result
     # different shifts never merge
     shifted = shifts.clone()
     shifted[0, 2] = 1.0
-    keep, _ = _merge_starts(rot, ll, shifted, math.radians(1.0))
-    assert keep.tolist() == [0, 1, 2, 3, 4, 5]
+    kept, _ = _merge_starts(rot, ll, shifted, math.radians(1.0))
+    assert bool(kept.all())
+    # no radius: pruning only; a dead start is never kept nor a survivor
+    alive = torch.tensor([[True, True, False], [True, True, True]])
+    kept, alias = _merge_starts(rot, ll, shifts, None, alive=alive)
+    assert torch.nonzero(kept).reshape(-1).tolist() == [0, 1, 3, 4, 5]
+    assert alias[[0, 1, 3, 4, 5]].tolist() == [0, 1, 3, 4, 5]
 
 
 def test_gauss_newton_merged_and_pruned_starts_return_the_best_result():

@@ -169,39 +169,43 @@ def gauss_newton_poses(
     projector = scorer.projector
     dev, dt = scorer.device, scorer.dtype
 
-    # Flat state over the active (image, start) pairs; ``owner[a]`` is pair a's image.
+    # State of every (image, start) pair, flat b * K + k; only the alive pairs are evaluated.
     n_pairs = b * k_starts
-    owner = torch.arange(b, device=dev).repeat_interleave(k_starts)  # [A]
-    alias = torch.arange(n_pairs, device=dev)  # result row of each (b, k): itself or survivor
-    active = torch.arange(n_pairs, device=dev)  # flat (b, k) index of each active pair
-    current = rot.reshape(n_pairs, 3, 3)
+    owner_all = torch.arange(b, device=dev).repeat_interleave(k_starts)
+    alias = torch.arange(n_pairs, device=dev)  # result row of each pair: itself or survivor
+    alive = torch.ones(n_pairs, dtype=torch.bool, device=dev)
+    current = rot.reshape(n_pairs, 3, 3).clone()  # the point evaluated next
     pair_shift = shifts.reshape(n_pairs, 2)
     best_rot = current.clone()
     best_ll = torch.full((n_pairs,), -math.inf, dtype=dt, device=dev)
     best_g = torch.zeros(n_pairs, 3, dtype=dt, device=dev)
     best_h = torch.eye(3, dtype=dt, device=dev).expand(n_pairs, 3, 3).clone()
     damping = torch.full((n_pairs,), 1e-3, dtype=dt, device=dev)
-    out_rot, out_ll, out_h = best_rot.clone(), best_ll.clone(), best_h.clone()
     previous_band = None
     for it, band in enumerate(bands):
-        if (merge and k_starts > 1 and not math.isfinite(band) and previous_band is not None
-                and math.isfinite(previous_band) and active.numel() == n_pairs):
-            # every pair is still active here (the merge happens once), in [B, K] order
-            # upper estimate of each start's band-limited mode: value + Newton decrement
+        if (k_starts > 1 and previous_band is not None and math.isfinite(previous_band)
+                and band != previous_band and (merge or prune_nats is not None)):
+            # band change: drop the starts that cannot catch up with their image's best
+            # (upper estimate of each start's band-limited mode: value + Newton decrement)
+            # and, entering the full band, merge the starts that share a basin
             diag = torch.diagonal(best_h, dim1=-2, dim2=-1)
             reg = torch.diag_embed(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-30)
                                    .expand(-1, 3))
             decrement = 0.5 * (best_g * torch.linalg.solve(best_h + reg, best_g[..., None])[
                 ..., 0]).sum(-1)
-            keep, alias = _merge_starts(
-                best_rot.reshape(b, k_starts, 3, 3), best_ll.reshape(b, k_starts),
-                pair_shift.reshape(b, k_starts, 2), 0.25 / previous_band,
+            kept, survivor = _merge_starts(
+                best_rot.reshape(b, k_starts, 3, 3),
+                torch.where(alive, best_ll, -math.inf).reshape(b, k_starts),
+                pair_shift.reshape(b, k_starts, 2),
+                0.25 / previous_band if (merge and not math.isfinite(band)) else None,
                 upper=(best_ll + decrement.clamp_min(0.0)).reshape(b, k_starts),
                 prune_nats=prune_nats,
+                alive=alive.reshape(b, k_starts),
             )
-            active, owner, pair_shift = active[keep], owner[keep], pair_shift[keep]
-            best_rot, best_ll, best_g = best_rot[keep], best_ll[keep], best_g[keep]
-            best_h, damping, current = best_h[keep], damping[keep], current[keep]
+            alias = survivor[alias]
+            alive = kept
+        idx = torch.nonzero(alive).reshape(-1)
+        owner, cur = owner_all[idx], current[idx]
         sel = torch.nonzero(radius <= band).reshape(-1) if math.isfinite(band) else None
         kx = kx_all if sel is None else kx_all[sel]
         ky = ky_all if sel is None else ky_all[sel]
@@ -212,21 +216,20 @@ def gauss_newton_poses(
         if shifts_px is None:
             data_r, data_i = yk.real, yk.imag
         else:
-            phase = (2.0 * math.pi / scorer.box) * (
-                pair_shift[:, 0:1] * kx + pair_shift[:, 1:2] * ky
-            )
+            psh = pair_shift[idx]
+            phase = (2.0 * math.pi / scorer.box) * (psh[:, 0:1] * kx + psh[:, 1:2] * ky)
             cos, sin = torch.cos(phase), torch.sin(phase)  # [A, P]
             data_r = yk.real * cos - yk.imag * sin
             data_i = yk.real * sin + yk.imag * cos
         # template and its gradient at q = R (kx, ky, 0)
-        q = current[:, None, :, 0] * kx[:, None] + current[:, None, :, 1] * ky[:, None]
+        q = cur[:, None, :, 0] * kx[:, None] + cur[:, None, :, 1] * ky[:, None]
         v = projector.sample_with_gradient_ri(q)  # [4, 2, A, P]
         xr, xi = (v[0, 0], v[0, 1]) if ck is None else (v[0, 0] * ck, v[0, 1] * ck)
         res_r, res_i = data_r - xr, data_i - xi
         ll = -0.5 * (wk * (res_r * res_r + res_i * res_i)).sum(-1)
         # u = grad^T R (rows), J = -u^T [k]x, per real / imaginary part: [2, A, P, 3]
         grad = v[1:].permute(1, 2, 3, 0)  # [2, A, P, 3]
-        u = grad @ current[None]
+        u = grad @ cur[None]
         jac = _cross_matrix_rows(kx, ky, u)  # [2, A, P, 3]
         wc = wk if ck is None else wk * ck  # [A, P]
         g = torch.einsum("ap,apj->aj", wc * res_r, jac[0]) + torch.einsum(
@@ -238,28 +241,29 @@ def gauss_newton_poses(
         if band != previous_band:
             accept = torch.ones_like(ll, dtype=torch.bool)
         else:
-            accept = ll >= best_ll
+            accept = ll >= best_ll[idx]
         a3 = accept[:, None, None]
-        best_rot = torch.where(a3, current, best_rot)
-        best_ll = torch.where(accept, ll, best_ll)
-        best_g = torch.where(accept[:, None], g, best_g)
-        best_h = torch.where(a3, h, best_h)
-        damping = torch.where(accept, damping / 3.0, damping * 10.0).clamp(1e-6, 1e6)
+        rot_a = torch.where(a3, cur, best_rot[idx])
+        h_a = torch.where(a3, h, best_h[idx])
+        g_a = torch.where(accept[:, None], g, best_g[idx])
+        best_rot[idx], best_h[idx], best_g[idx] = rot_a, h_a, g_a
+        best_ll[idx] = torch.where(accept, ll, best_ll[idx])
+        damp_a = torch.where(accept, damping[idx] / 3.0, damping[idx] * 10.0).clamp(1e-6, 1e6)
+        damping[idx] = damp_a
         previous_band = band
         if it + 1 == len(bands):
             break
         # damped step from the best point; at most ~1 Fourier pixel at the band edge
-        diag = torch.diagonal(best_h, dim1=-2, dim2=-1)
+        diag = torch.diagonal(h_a, dim1=-2, dim2=-1)
         scale = diag.mean(-1).clamp_min(1e-30)
-        lhs = best_h + torch.diag_embed(damping[:, None] * diag + 1e-9 * scale[:, None])
-        step = torch.linalg.solve(lhs, best_g[..., None])[..., 0]
+        lhs = h_a + torch.diag_embed(damp_a[:, None] * diag + 1e-9 * scale[:, None])
+        step = torch.linalg.solve(lhs, g_a[..., None])[..., 0]
         band_now = band if math.isfinite(band) else scorer.box / 2
         limit = 1.0 / band_now
         norm = step.norm(dim=-1, keepdim=True)
         step = step * torch.clamp(limit / norm.clamp_min(1e-30), max=1.0)
-        current = best_rot @ rotvec_to_matrix(step)
-    out_rot[active], out_ll[active], out_h[active] = best_rot, best_ll, best_h
-    out_rot, out_ll, out_h = out_rot[alias], out_ll[alias], out_h[alias]
+        current[idx] = rot_a @ rotvec_to_matrix(step)
+    out_rot, out_ll, out_h = best_rot[alias], best_ll[alias], best_h[alias]
     # -|y - C X|^2 / 2 over the template points counts -|y|^2 / 2 there, which ``const`` (over
     # every coefficient) already holds: add it back so the value equals score_rotations'.
     y_norm = 0.5 * (w_all * (y_all.real**2 + y_all.imag**2)).sum(-1)
@@ -274,10 +278,11 @@ def _merge_starts(
     rotations: torch.Tensor,
     log_lik: torch.Tensor,
     shifts: torch.Tensor,
-    radius_rad: float,
+    radius_rad: float | None,
     *,
     upper: torch.Tensor | None = None,
     prune_nats: float | None = None,
+    alive: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy merge of the ``K`` starts of each image that share a basin, and pruning of the
     starts that cannot catch up with the best one.
@@ -290,44 +295,55 @@ def _merge_starts(
         ``[B, K]`` their log-likelihoods.
     shifts : torch.Tensor
         ``[B, K, 2]`` their fixed shifts (only starts with equal shifts merge).
-    radius_rad : float
-        Starts within this geodesic distance of a kept, better start join it.
+    radius_rad : float or None
+        Starts within this geodesic distance of a kept, better start join it (None: no
+        merging).
     upper : torch.Tensor, optional
         ``[B, K]`` upper estimates of what each start can still reach.
     prune_nats : float, optional
         Starts with ``upper < max(log_lik) - prune_nats`` join the best start.
+    alive : torch.Tensor, optional
+        ``[B, K]`` starts still in play (default all); the others are neither kept nor chosen
+        as survivors (their own survivor entry is themselves).
 
     Returns
     -------
-    keep : torch.Tensor
-        Flat ``b * K + k`` indices of the kept starts (increasing).
+    kept : torch.Tensor
+        ``[B * K]`` bool: the starts that stay in play.
     survivor : torch.Tensor
-        ``[B * K]`` flat index of the kept start each start takes its result from.
+        ``[B * K]`` flat index ``b * K + k`` of the kept start each alive start takes its
+        result from.
     """
     b, k = log_lik.shape
-    rows = torch.arange(b, device=log_lik.device)
-    order = torch.argsort(-log_lik, dim=1, stable=True)  # best first
+    device = log_lik.device
+    rows = torch.arange(b, device=device)
+    alive = torch.ones(b, k, dtype=torch.bool, device=device) if alive is None else alive
+    order = torch.argsort(-log_lik, dim=1, stable=True)  # best first (dead ones are -inf)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(k, device=order.device).expand(b, k).contiguous())
-    traces = torch.einsum("bkij,blij->bkl", rotations, rotations)  # tr(R_k^T R_l)
-    same_shift = (shifts[:, :, None] == shifts[:, None, :]).all(-1)
-    near = same_shift & (traces > 1.0 + 2.0 * math.cos(radius_rad))  # [B, K, K]
-    kept = torch.zeros(b, k, dtype=torch.bool, device=log_lik.device)
-    survivor = torch.arange(k, device=log_lik.device).expand(b, k).clone()
+    rank.scatter_(1, order, torch.arange(k, device=device).expand(b, k).contiguous())
+    if radius_rad is None:
+        near = torch.zeros(b, k, k, dtype=torch.bool, device=device)
+    else:
+        traces = torch.einsum("bkij,blij->bkl", rotations, rotations)  # tr(R_k^T R_l)
+        same_shift = (shifts[:, :, None] == shifts[:, None, :]).all(-1)
+        near = same_shift & (traces > 1.0 + 2.0 * math.cos(radius_rad))  # [B, K, K]
+    kept = torch.zeros(b, k, dtype=torch.bool, device=device)
+    survivor = torch.arange(k, device=device).expand(b, k).clone()
     for position in range(k):  # K is small (the number of starts)
         i = order[:, position]
         candidates = near[rows, i] & kept  # only better starts are kept so far
         first = torch.where(candidates, rank, k).argmin(dim=1)  # best-ranked candidate
         has = candidates.any(dim=1)
         survivor[rows, i] = torch.where(has, first, i)
-        kept[rows, i] = ~has
+        kept[rows, i] = ~has & alive[rows, i]
     if upper is not None and prune_nats is not None:
-        hopeless = upper < log_lik.amax(dim=1, keepdim=True) - prune_nats
+        best = torch.where(alive, log_lik, -math.inf).amax(dim=1, keepdim=True)
+        hopeless = alive & (upper < best - prune_nats)
         kept = kept & ~hopeless  # (never the best start: its upper >= its own value)
         # hopeless starts, and the starts merged into one, join the best start
         survivor = torch.where(hopeless | hopeless.gather(1, survivor), order[:, :1], survivor)
     flat = survivor + (rows * k)[:, None]
-    return torch.nonzero(kept.reshape(-1)).reshape(-1), flat.reshape(-1)
+    return kept.reshape(-1), flat.reshape(-1)
 
 
 def laplace_cubature(

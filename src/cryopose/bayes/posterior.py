@@ -217,6 +217,8 @@ def marginalize_shifts(
         )
     b, g, t = log_likelihood.shape
     lsp = _log_shift_prior(log_shift_prior, b, t, log_likelihood.device)
+    if t == 1:  # one shift: nothing to sum (its normalised log-mass is 0)
+        return log_likelihood[..., 0].clone()
     out = torch.empty(b, g, dtype=log_likelihood.dtype, device=log_likelihood.device)
     rows = max(1, _CHUNK_ELEMENTS // max(1, g * t))
     for start in range(0, b, rows):
