@@ -261,14 +261,13 @@ class _Quadrature:
         centres_t = flat_centres.transpose(1, 2)  # [B, 9, K]
         # grid part: one float32 GEMM [G, 9] x [9, B K] (a broadcast matmul would run B small
         # float64 ones; a trace off by 1e-6 only moves a point on the ball's very edge)
-        grid32 = self._grid32
         cut = threshold.float() if isinstance(threshold, torch.Tensor) else threshold
         centres32 = flat_centres.reshape(b * k, 9).float()
-        grid_inside = ((grid32 @ centres32.T).reshape(-1, b, k) > (
-            cut.reshape(1, b, k) if isinstance(cut, torch.Tensor) else cut))  # [G, B, K]
+        grid_inside = (centres32 @ self._grid32.T).reshape(b, k, -1) > (
+            cut.reshape(b, k, 1) if isinstance(cut, torch.Tensor) else cut)  # [B, K, G]
         if active is not None:
-            grid_inside = grid_inside & active[None]
-        inside = grid_inside.any(dim=-1).T  # [B, G]
+            grid_inside = grid_inside & active[:, :, None]
+        inside = grid_inside.any(dim=1)  # [B, G]
         if self.extra.shape[1]:
             extra_each = torch.bmm(self.extra.reshape(b, -1, 9), centres_t) > threshold
             if active is not None:
