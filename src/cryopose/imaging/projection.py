@@ -65,14 +65,14 @@ def _bilinear(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Bilinear value and its x / y derivatives (per grid step) from corners ``[4, 2, P]``
     ordered ``(y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1)``, fractions ``[P]`` (the
-    derivatives are None unless ``gradient``)."""
+    derivatives are None unless ``gradient``). ``lerp`` keeps each step one pass."""
     a, b, c, d = corners.unbind(0)
-    slope_low, slope_high = b - a, d - c
-    low = a + fx * slope_low
-    high = c + fx * slope_high
+    low = torch.lerp(a, b, fx)
+    high = torch.lerp(c, d, fx)
+    value = torch.lerp(low, high, fy)
     if not gradient:
-        return low + fy * (high - low), None, None
-    return low + fy * (high - low), slope_low + fy * (slope_high - slope_low), high - low
+        return value, None, None
+    return value, torch.lerp(b - a, d - c, fy), high - low
 
 
 def _sinc2_correction(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -233,12 +233,13 @@ class Projector:
             fx, fy, fz = frac[0], frac[1], frac[2]
             v0, dx0, dy0 = _bilinear(lower, fx, fy, gradient)
             v1, dx1, dy1 = _bilinear(upper, fx, fy, gradient)
-            dz = v1 - v0
-            out[0, :, s : s + chunk] = v0 + fz * dz
+            part = out[:, :, s : s + chunk]
+            torch.lerp(v0, v1, fz, out=part[0])
             if gradient:
-                out[1, :, s : s + chunk] = (dx0 + fz * (dx1 - dx0)) * scale
-                out[2, :, s : s + chunk] = (dy0 + fz * (dy1 - dy0)) * scale
-                out[3, :, s : s + chunk] = dz * scale
+                torch.lerp(dx0, dx1, fz, out=part[1])
+                torch.lerp(dy0, dy1, fz, out=part[2])
+                torch.sub(v1, v0, out=part[3])
+                part[1:].mul_(scale)
             if outside is not None:
                 out[..., s : s + chunk].masked_fill_(outside, 0.0)
         return out.reshape(n_out, 2, *shape) if gradient else out.reshape(2, *shape)
