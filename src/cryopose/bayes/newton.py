@@ -127,18 +127,18 @@ def gauss_newton_poses(
     start_error_deg : float
         Typical distance of the starts from the mode (e.g. the grid spacing), in degrees.
     merge : bool
-        Before the first full-band evaluation, merge the starts of one image (with the same
-        shift) that have converged to within a quarter of a Fourier pixel at the last finite
-        band's edge (``0.25 / band`` rad) of a better one: the full-band iterations, most of
-        the work, then run once per basin; a merged start returns its survivor's result.
+        Entering the full band, merge the starts of one image (with the same shift) that have
+        converged to within a quarter of a Fourier pixel at the last finite band's edge
+        (``0.25 / band`` rad) of a better one: the full-band iterations, most of the work,
+        then run once per basin; a merged start returns its survivor's result.
     prune_nats : float or None
-        At the same point, drop the starts whose band-limited log-likelihood plus Newton
+        At every band change, drop the starts whose band-limited log-likelihood plus Newton
         decrement (the quadratic model's estimate of their band-limited mode) is more than
         this many nats below the image's best start; they return the best start's result.
         Safe for the true pose: for any band, the expected log-likelihood gain of the true
         pose over another is ``E = sum |dX|^2 / (2 sigma^2) >= 0`` with variance ``2 E``, so
         it falls ``T`` nats behind with probability at most ``Phi(-sqrt(2 T))`` (2e-10 at
-        T = 20). None: keep every start (requires ``merge``).
+        T = 20). None: polish every start to the end.
 
     Returns
     -------
