@@ -333,14 +333,15 @@ def run_cli(star: Path, reference: Path, work: Path, snr: str, settings: dict, t
     default = EstimateConfig()
     missing = {k: v for k, v in settings.items()
                if k not in CLI_FLAGS and k != "local_refine" and getattr(default, k) != v}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # a wide console: rich must not wrap the "poses in X s" line
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), COLUMNS="400")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(f"  cryopose estimate failed (exit {proc.returncode}): {proc.stderr[-500:]}")
         return None
-    match = re.search(r"in ([\d.]+) s", proc.stdout.replace("\n", " "))
+    match = re.search(r"poses in ([\d.]+) s", " ".join(proc.stdout.split()))
     lib_s = float(match.group(1)) if match else float("nan")
     est = read_particles(out).rotations()
     truth = read_particles(star).rotations()
