@@ -137,7 +137,7 @@ class Projector:
         self._mask = gx**2 + gy**2 < (box / 2) ** 2
         self._kx = gx[self._mask]
         self._ky = gy[self._mask]
-        self._grad_ri: torch.Tensor | None = None
+        self._block_ri: torch.Tensor | None = None
 
     def grid_coordinates(self, q: torch.Tensor) -> torch.Tensor:
         """``grid_sample`` coordinates (``align_corners=True``) in ``_ft_ri`` of frequencies
@@ -145,14 +145,14 @@ class Projector:
         m = self.padded_box
         return (q * (m / self.box) + m // 2) * (2.0 / m) - 1.0
 
-    def _gradient_volumes(self) -> torch.Tensor:
+    def _block_table(self) -> torch.Tensor:
         """``[(M + 2)^3, 8]`` block table: row ``[z, y, x]`` holds (re, im) of ``V`` at the
         four corners ``(y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1)`` of plane ``z`` of the
         padded grid, which carries a one-voxel margin on every side (zero below index 0, the
         periodic copy of index 0 above index M - 1). Two row gathers (planes ``z`` and
         ``z + 1``) give all 8 trilinear corners of a point: 64 bytes instead of 8 scattered
         reads (the gather is memory-latency bound; same size as a value-and-gradient table)."""
-        if self._grad_ri is None:
+        if self._block_ri is None:
             m = self.padded_box
             side = m + 2
             values = torch.zeros(side, side, side, 2, dtype=self.dtype, device=self.device)
@@ -166,8 +166,8 @@ class Projector:
             table[:, :, :-1, 1] = values[:, :, 1:]
             table[:, :-1, :, 2] = values[:, 1:]
             table[:, :-1, :-1, 3] = values[:, 1:, 1:]
-            self._grad_ri = table.reshape(-1, 8)
-        return self._grad_ri
+            self._block_ri = table.reshape(-1, 8)
+        return self._block_ri
 
     def sample_with_gradient(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The volume's transform and its gradient at arbitrary frequencies.
@@ -197,7 +197,7 @@ class Projector:
         d/dq_y, d/dq_z) x (real, imaginary) at ``points`` ``[..., 3]``.
 
         Trilinear interpolation (as ``grid_sample`` with ``align_corners=True`` and zero
-        padding) from the block table of :meth:`_gradient_volumes`, two row gathers per point.
+        padding) from the block table of :meth:`_block_table`, two row gathers per point.
         """
         return self._sample_block(points, gradient=True)
 
@@ -208,7 +208,7 @@ class Projector:
         return self._sample_block(points, gradient=False)
 
     def _sample_block(self, points: torch.Tensor, gradient: bool) -> torch.Tensor:
-        table = self._gradient_volumes()
+        table = self._block_table()
         m = self.padded_box
         side = m + 2
         scale = m / self.box
