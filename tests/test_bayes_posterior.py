@@ -345,6 +345,10 @@ def test_top_candidates_equal_the_summary_candidates(group):
     lp2[light[:, 0]] = -math.inf
     moved = top_candidates(ll, grid, log_prior=lp2, group=group, n_candidates=3)
     assert not bool((moved[:, 0] == light[:, 0]).any())
+    bad = ll.clone()
+    bad[2] = -math.inf
+    with pytest.raises(ValueError, match="particle 2"):
+        top_candidates(bad, grid, n_candidates=3)
 
 
 def test_grid_spacing_estimate_matches_healpix_steps():

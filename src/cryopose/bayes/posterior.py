@@ -342,6 +342,13 @@ def top_candidates(
         lp = None if log_prior is None else (
             log_prior if log_prior.ndim == 1 else log_prior[start:stop])
         log_p = rotation_log_posterior(ll[start:stop], log_prior=lp, log_quadrature_weights=log_q)
+        finite = torch.isfinite(log_p).any(dim=1)
+        if not bool(finite.all()):
+            bad = start + int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(
+                f"log_likelihood: particle {bad} has NaN, +inf or only -inf values (with the "
+                "log-prior); expected finite values or -inf with at least one finite"
+            )
         cand = _greedy_candidates(flat, log_p, group, int(n_candidates), separation)
         out.append(torch.where(cand < 0, cand[:, :1], cand))
     return torch.cat(out)
