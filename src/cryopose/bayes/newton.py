@@ -16,7 +16,10 @@ trilinear interpolant (:meth:`cryopose.imaging.Projector.sample_with_gradient`).
 Steps are damped (Levenberg-Marquardt, a rejected step raises the damping and is retried from
 the previous point) and coarse-to-fine in frequency: far from the mode the high frequencies of
 the likelihood are not quadratic, so the first iterations use only ``|k| <= k_1``, with ``k_1``
-about one over the starting error in radians, doubling to the full band.
+about one over the starting error in radians, growing by sqrt(2) to the full band (a
+continuation, :func:`band_schedule`). With several starts per image, the starts that cannot
+catch up with the best one are dropped at each band change and those that reach the same
+basin are merged entering the full band (:func:`gauss_newton_poses`).
 
 :func:`laplace_cubature` turns a mode and its ``H`` into 7 quadrature points (the mode and
 ``+-2 sqrt(lambda_i) v_i`` along the eigenvectors of ``H^-1``) with Haar-mass weights such that
