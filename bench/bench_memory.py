@@ -9,8 +9,8 @@ A script, not a test: it prints what it measured in this run and never fails.
    (default ``/tmp/bench_memory``; about 330 MB for 20,000 particles), reused while present.
 2. ``cryopose estimate`` in a child process, twice:
 
-   * default settings (grid order 2 with multi-start local refinement, ``--batch-size 128``).
-     On 2 shared cores refinement runs at a few particles/s, so 20,000 particles take hours:
+   * default settings (grid order 3, multi-start Gauss-Newton finish, ``--batch-size 128``;
+     40-100 particles/s on 2 cores since 2026-12-02, so 20,000 particles take minutes):
      the child is stopped after ``--refine-limit`` seconds (``0``: run to the end) and the
      peak so far is reported together with how it grew (memory that scales with the number
      of particles shows as a steady rise after the first batches);
@@ -186,10 +186,10 @@ def main() -> None:
 
     runs = []
     if not args.skip_refine:
-        runs.append(("default settings (grid order 2 + local refinement, batch 128)", [],
+        runs.append(("default settings (grid order 3 + local refinement, batch 128)", [],
                      args.refine_limit))
     if not args.skip_global:
-        runs.append(("--no-local-refine (grid order 2, batch 128)", ["--no-local-refine"],
+        runs.append(("--no-local-refine (grid order 3, batch 128)", ["--no-local-refine"],
                      args.global_limit))
     for label, extra, limit in runs:
         out = args.work / "estimate_out.star"
