@@ -39,6 +39,38 @@ def test_local_refinement_beats_the_global_grid(tmp_path):
     assert fine_err.max_deg < spacing / 2
 
 
+@pytest.mark.parametrize("snr", [1.0, 0.05])
+@pytest.mark.parametrize("refine_levels", [0, 1])
+def test_pruned_and_shared_grid_quadratures_agree(tmp_path, monkeypatch, snr, refine_levels):
+    # the refined quadrature keeps only the grid points that can matter (per particle) when
+    # posteriors are sharp, else shares the whole grid; both must give the same estimates
+    from cryopose.bayes import estimate as estimate_module
+
+    table, volume = simulated(tmp_path, snr, 12, seed=3, max_shift_angstrom=6.0)
+    config = dict(grid_order=1, refine_levels=refine_levels, shift_range_angstrom=6.0,
+                  shift_step_angstrom=6.0)
+    layouts = []
+    original = estimate_module._grid_quadrature
+
+    def spy(*args):
+        quad = original(*args)
+        layouts.append(quad.grid.shape[0] > 0)
+        return quad
+
+    monkeypatch.setattr(estimate_module, "_grid_quadrature", spy)
+    default = estimate_poses(table, volume, PX, EstimateConfig(**config)).estimates
+    monkeypatch.setattr(estimate_module, "_grid_quadrature", lambda grid, ll, lp: (
+        estimate_module._Quadrature(grid.matrices.double(), ll.double(),
+                                    torch.log(grid.weights.double()).expand(ll.shape[0], -1)
+                                    .clone(), lp.double().expand(ll.shape[0], -1).clone())))
+    shared = estimate_poses(table, volume, PX, EstimateConfig(**config)).estimates
+    assert layouts == [snr < 1.0]  # sharp posteriors took the per-particle path
+    for name in ("rotations_mmse", "rotations_map", "shifts_mmse_px", "expected_loss",
+                 "credible_radius_deg", "mass_outside_20deg"):
+        torch.testing.assert_close(getattr(default, name), getattr(shared, name), rtol=1e-4,
+                                   atol=1e-4, msg=name)
+
+
 def test_output_table_keeps_columns_and_adds_uncertainty(tmp_path):
     table, volume = simulated(tmp_path, 1.0, 16, max_shift_angstrom=6.0)
     table.data["rlnMyOwnColumn"] = range(16)

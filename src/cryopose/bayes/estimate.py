@@ -207,11 +207,12 @@ class _Quadrature:
         log_lik: torch.Tensor,
         log_weights: torch.Tensor,
         log_prior: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ):
         b = log_lik.shape[0]
-        self.grid = grid  # [G, 3, 3]
+        self.grid = grid  # [G, 3, 3] (G may be 0)
         self._grid32 = grid.reshape(-1, 9).float()  # for the ball tests
-        self.extra = grid.new_zeros(b, 0, 3, 3)  # [B, E, 3, 3]
+        self.extra = grid.new_zeros(b, 0, 3, 3) if extra is None else extra  # [B, E, 3, 3]
         self.log_lik = log_lik  # [B, G + E, T]
         self.log_weights = log_weights  # [B, G + E] log Haar mass of each point's cell
         self.log_prior = log_prior  # [B, G + E] log prior density (w.r.t. normalised Haar)
@@ -221,14 +222,17 @@ class _Quadrature:
         return self.grid.shape[0] + self.extra.shape[1]
 
     @property
-    def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(grid, extra)`` pair :func:`summarize_posterior` takes."""
-        return self.grid, self.extra
+    def rotations(self) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """What :func:`summarize_posterior` takes: the ``(grid, extra)`` pair, or the
+        per-particle points alone when there is no shared grid part."""
+        return self.extra if self.grid.shape[0] == 0 else (self.grid, self.extra)
 
     def rotation_at(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``[..., 3, 3]`` rotations of points ``index`` of particles ``rows`` (broadcast)."""
         g = self.grid.shape[0]
         rows, index = torch.broadcast_tensors(rows, index)
+        if g == 0:
+            return self.extra[rows, index]
         from_grid = self.grid[index.clamp(max=g - 1)]
         if self.extra.shape[1] == 0:
             return from_grid
@@ -263,7 +267,7 @@ class _Quadrature:
         # float64 ones; a trace off by 1e-6 only moves a point on the ball's very edge)
         cut = threshold.float() if isinstance(threshold, torch.Tensor) else threshold
         centres32 = flat_centres.reshape(b * k, 9).float()
-        grid_inside = (centres32 @ self._grid32.T).reshape(b, k, -1) > (
+        grid_inside = (centres32 @ self._grid32.T).reshape(b, k, self._grid32.shape[0]) > (
             cut.reshape(b, k, 1) if isinstance(cut, torch.Tensor) else cut)  # [B, K, G]
         if active is not None:
             grid_inside = grid_inside & active[:, :, None]
@@ -466,16 +470,39 @@ def estimate_poses(
 def _grid_quadrature(
     grid: SO3Grid, log_lik: torch.Tensor, log_prior_grid: torch.Tensor
 ) -> _Quadrature:
-    """The global grid as the starting quadrature of every particle (shared rotations)."""
-    b = log_lik.shape[0]
+    """The global grid as the starting quadrature of every particle.
+
+    A point whose shift-marginalised likelihood and posterior mass are both below 1e-14 of the
+    particle's largest (the cut :func:`summarize_posterior` makes) cannot matter. When every
+    particle keeps at most 1/8 of the grid (sharp posteriors), the kept points become
+    per-particle points (a few hundred instead of 36,864 for every later pass); otherwise the
+    grid stays shared (no per-particle copy).
+    """
+    b, n_grid = log_lik.shape[:2]
     g = grid.matrices.to(torch.float64)
     log_w = torch.log(grid.weights.to(device=g.device, dtype=torch.float64))
     lp = log_prior_grid.to(device=g.device, dtype=torch.float64)
+    lp_rows = lp.expand(b, -1) if lp.ndim == 1 else lp
+    ll3 = log_lik[..., None] if log_lik.ndim == 2 else log_lik
+    marginal = ll3[..., 0].double() if ll3.shape[-1] == 1 else torch.logsumexp(
+        ll3.double(), dim=-1)
+    joint = marginal + lp_rows + log_w
+    cut = math.log(1e-14)
+    keep = (marginal >= marginal.amax(1, keepdim=True) + cut) | (
+        joint >= joint.amax(1, keepdim=True) + cut
+    )
+    n_keep = int(keep.sum(1).max())
+    if 8 * n_keep > n_grid:
+        return _Quadrature(g, log_lik.double(), log_w.expand(b, -1).clone(), lp_rows.clone())
+    order = torch.topk(keep.to(torch.int8), n_keep, dim=1, sorted=True).indices  # kept first
+    kept = torch.gather(keep, 1, order)
+    rows = torch.arange(b, device=g.device)[:, None]
     return _Quadrature(
-        g,
-        log_lik.double(),
-        log_w.expand(b, -1).clone(),
-        lp.expand(b, -1).clone() if lp.ndim == 1 else lp.clone(),
+        g.new_zeros(0, 3, 3),
+        log_lik.double()[rows, order],
+        torch.where(kept, log_w[order], -math.inf),
+        lp_rows[rows, order],
+        extra=g[order],
     )
 
 
