@@ -23,7 +23,13 @@ import torch
 
 from cryopose.bayes.newton import gauss_newton_poses, laplace_cubature
 from cryopose.bayes.noise import estimate_noise_sigma2
-from cryopose.bayes.posterior import PoseEstimates, summarize_posterior, top_candidates
+from cryopose.bayes.posterior import (
+    PoseEstimates,
+    _GridPlusExtra,
+    marginalize_shifts,
+    summarize_posterior,
+    top_candidates,
+)
 from cryopose.bayes.priors import parse_prior
 from cryopose.bayes.scoring import ReferenceScorer, shift_grid
 from cryopose.imaging.ctf import ctf_from_params
@@ -229,15 +235,7 @@ class _Quadrature:
 
     def rotation_at(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``[..., 3, 3]`` rotations of points ``index`` of particles ``rows`` (broadcast)."""
-        g = self.grid.shape[0]
-        rows, index = torch.broadcast_tensors(rows, index)
-        if g == 0:
-            return self.extra[rows, index]
-        from_grid = self.grid[index.clamp(max=g - 1)]
-        if self.extra.shape[1] == 0:
-            return from_grid
-        from_extra = self.extra[rows, (index - g).clamp(min=0)]
-        return torch.where((index < g)[..., None, None], from_grid, from_extra)
+        return _GridPlusExtra(self.grid, self.extra).at(rows, index)
 
     def replace_ball(
         self,
@@ -403,6 +401,7 @@ def estimate_poses(
         log_prior_grid = prior.log_prior(grid.matrices.double()).to(device)
 
         final_parts: list[PoseEstimates] = []
+        refining = config.local_refine and (config.refine_levels > 0 or config.newton_finish)
         for b0 in range(0, n, config.batch_size):
             rows = rows_all[b0 : b0 + config.batch_size]
             images = reader.read(rows).to(device)
@@ -411,7 +410,6 @@ def estimate_poses(
             log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
             timings["score"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            refining = config.local_refine and (config.refine_levels > 0 or config.newton_finish)
             if refining:
                 # only the starts are needed from the global grid: its full summary would be
                 # discarded (the refined quadrature contains the grid and is summarised)
@@ -484,8 +482,7 @@ def _grid_quadrature(
     lp = log_prior_grid.to(device=g.device, dtype=torch.float64)
     lp_rows = lp.expand(b, -1) if lp.ndim == 1 else lp
     ll3 = log_lik[..., None] if log_lik.ndim == 2 else log_lik
-    marginal = ll3[..., 0].double() if ll3.shape[-1] == 1 else torch.logsumexp(
-        ll3.double(), dim=-1)
+    marginal = marginalize_shifts(ll3.double())  # (a constant -log T: the cut is relative)
     joint = marginal + lp_rows + log_w
     cut = math.log(1e-14)
     keep = (marginal >= marginal.amax(1, keepdim=True) + cut) | (

@@ -187,21 +187,25 @@ def gauss_newton_poses(
     previous_band = None
     for it, band in enumerate(bands):
         if (k_starts > 1 and previous_band is not None and math.isfinite(previous_band)
-                and band != previous_band and (merge or prune_nats is not None)):
+                and band != previous_band
+                and (prune_nats is not None or (merge and not math.isfinite(band)))):
             # band change: drop the starts that cannot catch up with their image's best
             # (upper estimate of each start's band-limited mode: value + Newton decrement)
             # and, entering the full band, merge the starts that share a basin
-            diag = torch.diagonal(best_h, dim1=-2, dim2=-1)
-            reg = torch.diag_embed(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-30)
-                                   .expand(-1, 3))
-            decrement = 0.5 * (best_g * torch.linalg.solve(best_h + reg, best_g[..., None])[
-                ..., 0]).sum(-1)
+            upper = None
+            if prune_nats is not None:
+                diag = torch.diagonal(best_h, dim1=-2, dim2=-1)
+                reg = torch.diag_embed(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-30)
+                                       .expand(-1, 3))
+                decrement = 0.5 * (best_g * torch.linalg.solve(best_h + reg, best_g[..., None])[
+                    ..., 0]).sum(-1)
+                upper = (best_ll + decrement.clamp_min(0.0)).reshape(b, k_starts)
             kept, survivor = _merge_starts(
                 best_rot.reshape(b, k_starts, 3, 3),
                 torch.where(alive, best_ll, -math.inf).reshape(b, k_starts),
                 pair_shift.reshape(b, k_starts, 2),
                 0.25 / previous_band if (merge and not math.isfinite(band)) else None,
-                upper=(best_ll + decrement.clamp_min(0.0)).reshape(b, k_starts),
+                upper=upper,
                 prune_nats=prune_nats,
                 alive=alive.reshape(b, k_starts),
             )

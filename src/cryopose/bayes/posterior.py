@@ -367,11 +367,17 @@ class _GridPlusExtra:
         self.dtype = grid.dtype
 
     def at(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        """Rotations ``[..., 9]`` of points ``col`` of particles ``row`` (same shapes)."""
-        in_grid = col < self.g
+        """Rotations of points ``col`` of particles ``row`` (broadcast), with the rows' trailing
+        shape (``[..., 9]`` here, ``[..., 3, 3]`` for matrices)."""
+        row, col = torch.broadcast_tensors(row, col)
+        if self.g == 0:
+            return self.extra[row, col]
         from_grid = self.grid[col.clamp(max=self.g - 1)]
+        if self.extra.shape[1] == 0:
+            return from_grid
         from_extra = self.extra[row, (col - self.g).clamp(min=0)]
-        return torch.where(in_grid[..., None], from_grid, from_extra)
+        in_grid = (col < self.g).reshape(*col.shape, *([1] * (from_grid.ndim - col.ndim)))
+        return torch.where(in_grid, from_grid, from_extra)
 
     def subset(self, rows: torch.Tensor) -> _GridPlusExtra:
         return _GridPlusExtra(self.grid, self.extra[rows])
