@@ -25,6 +25,7 @@ import torch
 from cryopose.bayes.estimate import EstimateConfig, estimate_poses
 from cryopose.evaluate import compare_poses
 from cryopose.io import read_particles, read_volume
+from cryopose.runtime import configure_allocator
 from cryopose.simulate import SimulationConfig, simulate_particles
 
 
@@ -66,7 +67,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu; {_load()}")
+    allocator = configure_allocator()  # as the cryopose command does (cryopose.runtime)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu"
+          f", glibc allocator tuned: {allocator}; {_load()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         table, volume = _simulate(f"{tmp}/noisy", args.n, 0.1, seed=1)

@@ -59,6 +59,7 @@ import torch
 from cryopose.bayes.estimate import EstimateConfig, estimate_poses
 from cryopose.evaluate import compare_poses
 from cryopose.io import read_particles, read_volume, write_star, write_volume
+from cryopose.runtime import configure_allocator
 from cryopose.volumes.default import default_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -403,7 +404,9 @@ def main() -> None:
         overrides["noise_sigma"] = float(overrides["noise_sigma"])
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {load_text()}")
+    allocator = configure_allocator()  # as the cryopose command does (cryopose.runtime)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
+          f", glibc allocator tuned: {allocator}; {load_text()}")
     args.work.mkdir(parents=True, exist_ok=True)
     python = None if args.skip_peers else peers_python(args.peers_venv)
     data = make_data(args.work, args.peers_dir, args.n, python, args.regen_data)

@@ -20,6 +20,7 @@ import torch
 
 from cryopose.bayes.scoring import ReferenceScorer
 from cryopose.imaging import ctf_2d, irfft2_centred
+from cryopose.runtime import configure_allocator
 from cryopose.so3.grids import healpix_grid
 from cryopose.volumes.default import default_volume
 
@@ -42,8 +43,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    allocator = configure_allocator()  # as the cryopose command does (cryopose.runtime)
     dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {dev}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {dev}"
+          f", glibc allocator tuned: {allocator}")
 
     n, px, b = 64, 5.0, args.particles
     vol = default_volume(n, px, device=dev)

@@ -38,6 +38,7 @@ from cryopose.bayes.estimate import EstimateConfig, estimate_poses
 from cryopose.bayes.posterior import PoseEstimates
 from cryopose.io import read_particles, read_volume
 from cryopose.io.particles import ParticleTable
+from cryopose.runtime import configure_allocator
 from cryopose.simulate import SimulationConfig, simulate_particles
 from cryopose.so3.distances import chordal_from_geodesic, geodesic_distance
 
@@ -192,7 +193,9 @@ def main() -> None:
     parser.add_argument("--skip-prior", action="store_true", help="table A only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu; {_load()}")
+    allocator = configure_allocator()  # as the cryopose command does (cryopose.runtime)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu"
+          f", glibc allocator tuned: {allocator}; {_load()}")
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="cryopose-bench-unc-") as tmp:
         table_uncertainty(args, tmp)
         if not args.skip_prior:

@@ -110,7 +110,7 @@ def gauss_newton_poses(
     bands: list[float] | None = None,
     start_error_deg: float = 7.5,
     merge: bool = True,
-    prune_nats: float | None = 20.0,
+    prune_nats: float | None = 8.0,
 ) -> NewtonResult:
     """Polish poses by damped Gauss-Newton on the exact likelihood of the scorer.
 
@@ -140,8 +140,11 @@ def gauss_newton_poses(
         this many nats below the image's best start; they return the best start's result.
         Safe for the true pose: for any band, the expected log-likelihood gain of the true
         pose over another is ``E = sum |dX|^2 / (2 sigma^2) >= 0`` with variance ``2 E``, so
-        it falls ``T`` nats behind with probability at most ``Phi(-sqrt(2 T))`` (2e-10 at
-        T = 20). None: polish every start to the end.
+        it falls ``T`` nats behind with probability at most ``Phi(-sqrt(2 T))`` (3e-5 at
+        the default T = 8, 1e-10 at T = 20). Measured (1,000 ribosome particles, 64 px, SNR
+        0.1, 3 starts): T = 20 -> 8 -> 6 evaluate 18,308 / 15,712 / 14,419 template points per
+        particle with MLE median / mean errors 2.98 / 9.23, 2.97 / 9.12, 2.98 / 9.10 deg.
+        None: polish every start to the end.
 
     Returns
     -------

@@ -513,6 +513,10 @@ class ReferenceScorer:
         shift_ph = self._shift_phase(shifts, px, py).reshape(n_t, n_r, n_phi)
         per_image = n_r * n_phi * 8 * (3 + 2 * n_t) + (m_max + 1) * n_d * 8 * (n_t + 1) * 2
         bc = self._chunk(per_image, b)
+        # first ring carrying each angular frequency m (ring bands grow outwards)
+        ring_band = self._ring_samples(n_phi) // 2 - 1  # largest |m| kept per ring
+        first_ring = torch.searchsorted(ring_band.cpu(), ms.cpu(), right=False)
+        sub = max(1, n_p // max(1, math.ceil(n_p / 16)))  # m blocks of <= 16
         fold_phase = torch.exp(2j * math.pi * ms.double() * phase / n_p).to(self.cdtype)
         wm = torch.full((m_max + 1,), 2.0, dtype=torch.float64, device=self.device)
         wm[0] = 1.0
@@ -529,15 +533,15 @@ class ReferenceScorer:
             # complex products interleaved; frequencies m = j (mod P) accumulate in place
             # (baddbmm), so the [M+1, BT, D] products are never stored.
             left = torch.view_as_real(af).reshape(m_max + 1, bt, 2 * n_r)
-            folded = torch.empty(n_p, bt, 2 * n_d, dtype=real_dtype, device=self.device)
+            # Ring r carries |m| < S_r / 2 only: blocks of m skip the inner rings (zero rows).
+            folded = torch.zeros(n_p, bt, 2 * n_d, dtype=real_dtype, device=self.device)
             for m0 in range(0, m_max + 1, n_p):
                 rows = min(n_p, m_max + 1 - m0)
-                if m0 == 0:
-                    torch.bmm(left[:rows], tcross[:rows], out=folded[:rows])
-                    if rows < n_p:
-                        folded[rows:].zero_()
-                else:
-                    folded[:rows].baddbmm_(left[m0 : m0 + rows], tcross[m0 : m0 + rows])
+                for a in range(0, rows, sub):
+                    lo, hi = m0 + a, m0 + min(a + sub, rows)
+                    r0 = 2 * int(first_ring[lo])
+                    if r0 < 2 * n_r:
+                        folded[a : a + hi - lo].baddbmm_(left[lo:hi, :, r0:], tcross[lo:hi, r0:])
             folded_c = torch.view_as_complex(folded.reshape(n_p, bt, n_d, 2))
             cross = torch.fft.ifft(folded_c, dim=0, norm="forward").real  # [P, BT, D]
             if c is None:
@@ -567,25 +571,55 @@ class ReferenceScorer:
         out = out.reshape(b, n_d * n_p, n_t)
         return out + const[:, None, None]
 
+    def _ring_samples(self, n_phi: int) -> torch.Tensor:
+        """Angular samples per ring for the polar templates: ``[R]`` even counts ``<= n_phi``.
+
+        A central slice of a map supported in a ball of radius ``N / 2`` (real-space pixels)
+        has angular frequencies up to about ``pi rho`` on the ring of radius ``rho`` (Fourier
+        pixels). Ring ``r`` is sampled at ``S_r >= 2 (pi rho_out + 2) + 2`` points (a multiple
+        of 8; ``rho_out`` its outer edge) and keeps ``|m| < S_r / 2``: inner rings need far
+        fewer samples than the outermost (about 44% of the points overall).
+        """
+        outer = self._radii.double() + 0.5 * self.radial_step_px
+        m_ring = torch.ceil(math.pi * outer) + 2.0
+        samples = 8 * torch.ceil((2.0 * m_ring + 2.0) / 8.0)
+        return samples.clamp(max=n_phi).long()
+
     def _polar_templates(self, base, pts, m_max, even, n_phi):
-        """Angular Fourier coefficients of the polar templates and of their squared moduli."""
+        """Angular Fourier coefficients of the polar templates and of their squared moduli.
+
+        Each ring is sampled at its own count ``S_r`` (:meth:`_ring_samples`), its angular
+        spectrum kept for ``|m| < S_r / 2`` (the rest is zero) and resampled to the common
+        ``n_phi`` angles by trigonometric interpolation for the squared moduli.
+        """
         n_d, n_r = base.shape[0], pts.shape[0]
+        samples = self._ring_samples(n_phi)
+        radii = self._radii.double()
+        groups = [(int(s), torch.nonzero(samples == s).reshape(-1)) for s in samples.unique()]
         # cross templates as real interleaved blocks [M+1, R, 2, 2D] (viewed [M+1, 2R, 2D])
         tcross = torch.empty(m_max + 1, n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
         tnorm = torch.empty(even.numel(), n_r, n_d, dtype=self.cdtype, device=self.device)
         dc = self._chunk(n_r * n_phi * 40, n_d)
         for s in range(0, n_d, dc):
             bs = base[s : s + dc].to(self.dtype)
-            if n_phi % 2 == 0:
+            spec = torch.zeros(bs.shape[0], n_r, n_phi, dtype=self.cdtype, device=self.device)
+            for count, rings in groups:
                 # Friedel: the point at phi + pi is -q and V(-q) = conj(V(q)) (real volume)
-                half = n_phi // 2
-                q = torch.einsum("dij,rpj->drpi", bs, pts[:, :half])
-                first = self._sample_volume(q)  # [Dc, R, Phi / 2]
-                tp = torch.cat([first, first.conj()], dim=-1)
-            else:
-                q = torch.einsum("dij,rpj->drpi", bs, pts)
-                tp = self._sample_volume(q)  # [Dc, R, Phi]
-            tf = torch.fft.fft(tp, dim=-1)[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
+                half = count // 2
+                phi = torch.arange(half, dtype=torch.float64, device=self.device) * (
+                    2 * math.pi / count)
+                rho = radii[rings]
+                ring_pts = torch.stack([rho[:, None] * torch.cos(phi), rho[:, None] * torch.sin(phi),
+                                        torch.zeros(rho.numel(), half, dtype=torch.float64,
+                                                    device=self.device)], dim=-1).to(self.dtype)
+                q = torch.einsum("dij,rpj->drpi", bs, ring_pts)
+                first = self._sample_volume(q)  # [Dc, Rg, S / 2]
+                f = torch.fft.fft(torch.cat([first, first.conj()], dim=-1), dim=-1)
+                f = f * (n_phi / count)  # coefficients of the n_phi-point transform
+                keep = half - 1  # |m| < S / 2
+                spec[:, rings, : keep + 1] = f[..., : keep + 1]
+                spec[:, rings, n_phi - keep :] = f[..., count - keep :]
+            tf = spec[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
             tr, ti = tf.real, tf.imag
             # rows (r, re/im of the image coefficient), columns (d, re/im of the product):
             # (a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i + a_i t_r)
@@ -596,6 +630,7 @@ class ReferenceScorer:
             block[:, :, 0, :, 1] = ti
             block[:, :, 1, :, 0] = -ti
             block[:, :, 1, :, 1] = tr
+            tp = torch.fft.ifft(spec, dim=-1)  # [Dc, R, n_phi] band-limited templates
             nf = torch.fft.fft(tp.real**2 + tp.imag**2, dim=-1)[..., even]
             tnorm[:, :, s : s + dc] = nf.permute(2, 1, 0)
         return tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d), tnorm

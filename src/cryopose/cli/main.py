@@ -13,6 +13,15 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _startup() -> None:
+    """Particle orientations (poses) with uncertainty for cryo-EM and cryo-ET."""
+    # large batched temporaries reuse freed memory (cryopose.runtime: ~15-20% faster estimate)
+    from cryopose.runtime import configure_allocator
+
+    configure_allocator()
+
+
 def _register() -> None:
     # One module per command; each exposes one function registered here.
     from cryopose.cli import compare, convert, demo, estimate, fsc, info, reconstruct, simulate
