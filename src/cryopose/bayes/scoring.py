@@ -609,9 +609,8 @@ class ReferenceScorer:
                 phi = torch.arange(half, dtype=torch.float64, device=self.device) * (
                     2 * math.pi / count)
                 rho = radii[rings]
-                ring_pts = torch.stack([rho[:, None] * torch.cos(phi), rho[:, None] * torch.sin(phi),
-                                        torch.zeros(rho.numel(), half, dtype=torch.float64,
-                                                    device=self.device)], dim=-1).to(self.dtype)
+                x, y = rho[:, None] * torch.cos(phi), rho[:, None] * torch.sin(phi)
+                ring_pts = torch.stack([x, y, torch.zeros_like(x)], dim=-1).to(self.dtype)
                 q = torch.einsum("dij,rpj->drpi", bs, ring_pts)
                 first = self._sample_volume(q)  # [Dc, Rg, S / 2]
                 f = torch.fft.fft(torch.cat([first, first.conj()], dim=-1), dim=-1)
