@@ -482,7 +482,7 @@ def _grid_quadrature(
     lp = log_prior_grid.to(device=g.device, dtype=torch.float64)
     lp_rows = lp.expand(b, -1) if lp.ndim == 1 else lp
     ll3 = log_lik[..., None] if log_lik.ndim == 2 else log_lik
-    marginal = marginalize_shifts(ll3.double())  # (a constant -log T: the cut is relative)
+    marginal = marginalize_shifts(ll3).double()  # (a constant -log T: the cut is relative)
     joint = marginal + lp_rows + log_w
     cut = math.log(1e-14)
     keep = (marginal >= marginal.amax(1, keepdim=True) + cut) | (
@@ -490,13 +490,14 @@ def _grid_quadrature(
     )
     n_keep = int(keep.sum(1).max())
     if 8 * n_keep > n_grid:
-        return _Quadrature(g, log_lik.double(), log_w.expand(b, -1).clone(), lp_rows.clone())
+        # (expanded views: replace_ball builds new tensors, never writes into these)
+        return _Quadrature(g, log_lik, log_w.expand(b, -1), lp_rows)
     order = torch.topk(keep.to(torch.int8), n_keep, dim=1, sorted=True).indices  # kept first
     kept = torch.gather(keep, 1, order)
     rows = torch.arange(b, device=g.device)[:, None]
     return _Quadrature(
         g.new_zeros(0, 3, 3),
-        log_lik.double()[rows, order],
+        log_lik[rows, order],
         torch.where(kept, log_w[order], -math.inf),
         lp_rows[rows, order],
         extra=g[order],

@@ -341,8 +341,11 @@ def top_candidates(
         stop = min(b, start + rows)
         lp = None if log_prior is None else (
             log_prior if log_prior.ndim == 1 else log_prior[start:stop])
-        log_p = rotation_log_posterior(ll[start:stop], log_prior=lp, log_quadrature_weights=log_q)
-        finite = torch.isfinite(log_p).any(dim=1)
+        # unnormalised log posterior (the ranking needs no normalisation)
+        log_p = marginalize_shifts(ll[start:stop]).to(torch.float64) + log_q
+        if lp is not None:
+            log_p += lp.to(torch.float64)
+        finite = torch.isfinite(log_p.amax(dim=1))  # NaN, +inf or all -inf are not
         if not bool(finite.all()):
             bad = start + int(torch.nonzero(~finite)[0, 0])
             raise ValueError(
@@ -505,9 +508,10 @@ def _greedy_candidates(
 ) -> torch.Tensor:
     """Greedy distinct candidates ``[r, K]`` (grid indices, -1 padded).
 
-    The greedy pass runs on the ``M`` most probable points of each row (pairwise distances
-    ``[r, M, M]``); rows where those ``M`` points hold fewer than ``K`` distinct candidates are
-    redone over the whole grid.
+    The greedy pass runs on the ``M`` most probable points of each row (traces against each
+    chosen candidate, ``[r, M]``); rows where those ``M`` points hold fewer than ``K``
+    distinct candidates (a posterior so sharp that its top ``M`` points lie within the
+    separation of the first) are redone over the whole grid.
     """
     r, g = log_p.shape
     device = log_p.device
@@ -519,8 +523,6 @@ def _greedy_candidates(
         top_rot = flat[top_index]
     else:
         top_rot = torch.gather(flat, 1, top_index[..., None].expand(r, m, 9))
-    # Pairwise symmetric traces among the top points: [r, M, M].
-    pair = _pairwise_symmetric_traces(top_rot, group)
     available = top_log_p > -math.inf
     candidates = torch.full((r, n_candidates), -1, dtype=torch.long, device=device)
     rows = torch.arange(r, device=device)
@@ -528,7 +530,10 @@ def _greedy_candidates(
         ok = available.any(dim=1)
         first = available.to(torch.uint8).argmax(dim=1)
         candidates[:, k] = torch.where(ok, top_index[rows, first], -1)
-        available &= ~(pair[rows, first] >= separation_trace)
+        if k + 1 < n_candidates:
+            chosen = top_rot[rows, first]  # [r, 9]
+            near = _pairwise_symmetric_traces(top_rot, group, chosen[:, None])[:, :, 0]
+            available &= ~(near >= separation_trace)
         available[rows, first] = False
     short = (candidates < 0).any(dim=1) & (top_log_p[:, -1] > -math.inf)
     if m < g and bool(short.any()):
@@ -542,14 +547,18 @@ def _greedy_candidates(
     return candidates
 
 
-def _pairwise_symmetric_traces(points: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
-    """``max_h <h P_i, P_j>_F`` for points ``[r, M, 9]`` -> ``[r, M, M]``."""
+def _pairwise_symmetric_traces(
+    points: torch.Tensor, group: torch.Tensor | None, others: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``max_h <h P_i, Q_j>_F`` for points ``[r, M, 9]`` and ``others`` ``[r, L, 9]`` (default
+    the points themselves) -> ``[r, M, L]``."""
+    others = points if others is None else others
     r, m, _ = points.shape
     if group is None:
-        return torch.bmm(points, points.transpose(1, 2))
+        return torch.bmm(points, others.transpose(1, 2))
     mats = points.reshape(r, m, 3, 3)
     probes = (group[None, :, None] @ mats[:, None]).reshape(r, -1, 9)  # [r, h*M, 9]
-    traces = torch.bmm(probes, points.transpose(1, 2)).reshape(r, group.shape[0], m, m)
+    traces = torch.bmm(probes, others.transpose(1, 2)).reshape(r, group.shape[0], m, -1)
     return traces.amax(dim=1)
 
 
@@ -901,7 +910,9 @@ def _summarize_chunk(
         weighted.index_add_(0, sig_row, w_sig * est_sig)
         expected_loss = 6.0 - 2.0 * weighted.to(torch.float64) / total64
     expected_loss = expected_loss.clamp_min(0.0)
-    radius, inside = _credible_radius_deg(sig_row, est_sig, w_sig, r, credible_mass)
+    radius, inside = _credible_radius_deg(
+        sig_row, est_sig, w_sig, r, credible_mass, dense_width=g if dense else None
+    )
 
     # Distinct top candidates (by posterior mass).
     candidates = _greedy_candidates(flat, log_joint, group, n_candidates, separation_trace)
@@ -935,28 +946,37 @@ _RADIUS_BINS = int(math.ceil(2.0 * _CHORD_SCALE)) + 2
 
 
 def _credible_radius_deg(
-    row: torch.Tensor, traces: torch.Tensor, weights: torch.Tensor, r: int, credible_mass: float
+    row: torch.Tensor,
+    traces: torch.Tensor,
+    weights: torch.Tensor,
+    r: int,
+    credible_mass: float,
+    dense_width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Credible radius (degrees) and the posterior mass within the multimodality cone.
 
-    ``row``, ``traces`` and ``weights`` list the significant (particle, grid point) pairs.
-    Points are histogrammed by chordal distance ``sqrt(3 - tr)``; in the bin where the
-    cumulative mass first reaches ``credible_mass`` the radius is rounded up to the farthest
-    point of that bin (so a single point at the estimate gives 0). The cone mass is the
-    cumulative mass below the bin edge placed at ``MULTIMODAL_CONE_DEG``.
+    ``row``, ``traces`` and ``weights`` list the significant (particle, grid point) pairs
+    (``dense_width``: every row lists that many points, row-major). Points are histogrammed by
+    chordal distance ``sqrt(3 - tr)``; in the bin where the cumulative mass first reaches
+    ``credible_mass`` the radius is rounded up to the farthest point of that bin (so a single
+    point at the estimate gives 0). The cone mass is the cumulative mass below the bin edge
+    placed at ``MULTIMODAL_CONE_DEG``.
     """
     device = weights.device
     chord = (3.0 - traces).clamp_(min=0.0).sqrt_()
-    bins = chord.mul_(_CHORD_SCALE).long().clamp_(max=_RADIUS_BINS - 1)
+    bins = chord.mul_(_CHORD_SCALE).to(torch.int32).clamp_(max=_RADIUS_BINS - 1)
     del chord
     hist = torch.zeros(r * _RADIUS_BINS, dtype=weights.dtype, device=device)
-    hist.index_add_(0, row * _RADIUS_BINS + bins, weights)
+    hist.index_add_(0, bins + row.to(torch.int32) * _RADIUS_BINS, weights)
     cumulative = hist.reshape(r, _RADIUS_BINS).to(torch.float64).cumsum_(dim=1)
     total64 = cumulative[:, -1]
     inside_cone = cumulative[:, _CONE_BIN - 1] / total64
     target = (credible_mass - 1e-12) * total64[:, None]
-    crossing = (cumulative < target).sum(dim=1)
+    crossing = (cumulative < target).sum(dim=1).to(torch.int32)
     candidates = torch.where(bins <= crossing[row], traces, math.inf)
-    lowest = torch.full((r,), math.inf, dtype=traces.dtype, device=device)
-    lowest.scatter_reduce_(0, row, candidates, reduce="amin")
+    if dense_width is not None:
+        lowest = candidates.reshape(r, dense_width).amin(dim=1)
+    else:
+        lowest = torch.full((r,), math.inf, dtype=traces.dtype, device=device)
+        lowest.scatter_reduce_(0, row, candidates, reduce="amin")
     return torch.rad2deg(_angle_from_trace(lowest.to(torch.float64))), inside_cone

@@ -522,6 +522,7 @@ class ReferenceScorer:
         wm[0] = 1.0
         coef = wm.to(self.cdtype) * fold_phase / n_phi
         real_dtype = self.dtype
+        self.last_gemm_flops = 0  # floating-point operations of the GEMMs below (benchmarks)
         for s in range(0, b, bc):
             ap = self._interp_polar(spec[s : s + bc], px, py) * wr[s : s + bc, :, None]
             at = ap[:, None] * shift_ph[None]  # [Bc, T, R, Phi]
@@ -542,8 +543,7 @@ class ReferenceScorer:
                     r0 = 2 * int(first_ring[lo])
                     if r0 < 2 * n_r:
                         folded[a : a + hi - lo].baddbmm_(left[lo:hi, :, r0:], tcross[lo:hi, r0:])
-            folded_c = torch.view_as_complex(folded.reshape(n_p, bt, n_d, 2))
-            cross = torch.fft.ifft(folded_c, dim=0, norm="forward").real  # [P, BT, D]
+                        self.last_gemm_flops += 2 * (hi - lo) * bt * (2 * n_r - r0) * 2 * n_d
             if c is None:
                 # radial: only m = 0
                 qf = (wr[s : s + bc] * (-0.5 * n_phi)).to(self.cdtype)[None]  # [1, Bc, R]
@@ -560,16 +560,21 @@ class ReferenceScorer:
                 qf = qf[..., :n_e].permute(2, 0, 1).contiguous()  # [E, Bc, R]
             qf = qf * coef[even[:n_e], None, None]
             nm = torch.bmm(qf, tnorm[:n_e])  # [E, Bc, D], even m = 0, 2, ...
-            norm = self._fold(nm, n_p, stride=2)  # [Bc, D, P]
-            nb = norm.shape[0]
-            # out[b, d, j, t] = cross[j, b * T + t, d] + norm[b, d, j]
-            torch.add(
-                cross.reshape(n_p, nb, n_t, n_d).permute(1, 3, 0, 2),
-                norm[..., None],
-                out=out[s : s + bc],
-            )
+            self.last_gemm_flops += 8 * n_e * qf.shape[1] * n_r * n_d
+            nb = nm.shape[1]
+            # The norm term's frequencies 2e fold into the same P bins as the cross term's (for
+            # every shift), so one inverse FFT over the in-plane angle gives both:
+            # out[b, d, j, t] = Re ifft(cross bins + norm bins)[j, b * T + t, d]
+            folded_c = torch.view_as_complex(folded.reshape(n_p, nb, n_t, n_d, 2))
+            period = n_p // math.gcd(n_p, 2)  # norm rows before the bins repeat
+            for e0 in range(0, n_e, period):
+                block = nm[e0 : e0 + period]
+                bins = (torch.arange(e0, e0 + block.shape[0], device=self.device) * 2) % n_p
+                folded_c[bins] += block[:, :, None, :]
+            total = torch.fft.ifft(folded_c, dim=0, norm="forward").real  # [P, Bc, T, D]
+            out[s : s + bc] = total.permute(1, 3, 0, 2)
         out = out.reshape(b, n_d * n_p, n_t)
-        return out + const[:, None, None]
+        return out.add_(const[:, None, None])
 
     def _ring_samples(self, n_phi: int) -> torch.Tensor:
         """Angular samples per ring for the polar templates: ``[R]`` even counts ``<= n_phi``.
@@ -642,18 +647,3 @@ class ReferenceScorer:
         elif s2.ndim == 1:
             s2 = s2[None]
         return 1.0 / (s2.expand(b, -1)[:, self._ring_shell] * float(n * n))
-
-    @staticmethod
-    def _fold(cm: torch.Tensor, n_p: int, stride: int = 1) -> torch.Tensor:
-        """``Re sum_e cm[e] exp(2 pi i (stride e) j / P)``, j < P: ``[E, X, D] -> [X, D, P]``.
-
-        Angular frequencies ``m = stride * e`` are folded modulo ``P`` (exact at the grid's
-        ``P`` in-plane angles), then one length-``P`` inverse FFT.
-        """
-        folded = cm.new_zeros(n_p, *cm.shape[1:])
-        per = n_p // math.gcd(n_p, stride)  # rows of cm before the bins repeat
-        for s in range(0, cm.shape[0], per):
-            block = cm[s : s + per]
-            folded[(torch.arange(s, s + block.shape[0]) * stride) % n_p] += block
-        res = torch.fft.ifft(folded, dim=0, norm="forward").real
-        return res.permute(1, 2, 0)
