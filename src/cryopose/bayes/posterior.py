@@ -897,8 +897,13 @@ def _summarize_chunk(
         del copy_sig, parts
     mean = mean.to(torch.float64) / total64[:, None, None]
     r_mmse = project_to_so3(mean)
-    map_inside = torch.zeros(r, dtype=work, device=device)
-    map_inside.index_add_(0, sig_row, torch.where(map_sig >= cone_trace, w_sig, 0.0))
+    near_map = torch.where(map_sig >= cone_trace, w_sig, 0.0)
+    if dense:
+        map_inside = near_map.reshape(r, g).sum(dim=1)
+    else:
+        map_inside = torch.zeros(r, dtype=work, device=device)
+        map_inside.index_add_(0, sig_row, near_map)
+    del near_map
     del map_sig
 
     # Uncertainty about the MMSE estimate: expected loss, cone mass, credible radius.
