@@ -121,6 +121,50 @@ class SO3Grid:
         )
 
 
+# HEALPix base faces: ring index (in units of nside) and longitude index of each face's corner.
+_FACE_RING = np.array([2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4])
+_FACE_PHI = np.array([1, 3, 5, 7, 0, 2, 4, 6, 1, 3, 5, 7])
+
+
+def _compress_bits(v: np.ndarray) -> np.ndarray:
+    """Keep the even bits of ``v`` (bit 2i -> bit i): de-interleaves a NEST pixel index."""
+    v = v & 0x5555555555555555
+    v = (v | (v >> 1)) & 0x3333333333333333
+    v = (v | (v >> 2)) & 0x0F0F0F0F0F0F0F0F
+    v = (v | (v >> 4)) & 0x00FF00FF00FF00FF
+    v = (v | (v >> 8)) & 0x0000FFFF0000FFFF
+    return (v | (v >> 16)) & 0x00000000FFFFFFFF
+
+
+def _healpix_nest_angles(nside: int) -> tuple[np.ndarray, np.ndarray]:
+    """Colatitude ``theta`` and longitude ``phi`` (radians) of every HEALPix pixel centre in
+    NEST order (Gorski et al. 2005, ApJ 622:759, the pix2ang_nest algorithm); equal to
+    ``healpy.pix2ang(nside, pix, nest=True)`` (pinned by a test) without importing healpy,
+    whose import (astropy, matplotlib) costs about a second of start-up."""
+    pix = np.arange(12 * nside * nside, dtype=np.int64)
+    face, within = np.divmod(pix, nside * nside)
+    ix, iy = _compress_bits(within), _compress_bits(within >> 1)
+    ring = _FACE_RING[face] * nside - ix - iy - 1  # 1 .. 4 nside - 1, north to south
+    north, south = ring < nside, ring > 3 * nside
+    nr = np.where(north, ring, np.where(south, 4 * nside - ring, nside))
+    z = np.where(
+        north, 1.0 - nr.astype(np.float64) ** 2 / (3.0 * nside * nside),
+        np.where(south, nr.astype(np.float64) ** 2 / (3.0 * nside * nside) - 1.0,
+                 (2 * nside - ring) * 2.0 / (3.0 * nside)),
+    )
+    shift = np.where(north | south, 0, (ring - nside) & 1)
+    jp = (_FACE_PHI[face] * nr + ix - iy + 1 + shift) // 2
+    jp = np.where(jp > 4 * nside, jp - 4 * nside, np.where(jp < 1, jp + 4 * nside, jp))
+    phi = (jp - (shift + 1) * 0.5) * (0.5 * math.pi / nr)
+    # near the poles theta from sin(theta) = nr sqrt(2 / 3 - ...) keeps full precision
+    cap = north | south
+    sin_cap = nr / nside * np.sqrt((6.0 - nr.astype(np.float64) ** 2 / (nside * nside)) / 9.0)
+    theta = np.where(cap, np.where(north, np.arcsin(np.minimum(sin_cap, 1.0)),
+                                   math.pi - np.arcsin(np.minimum(sin_cap, 1.0))),
+                     np.arccos(np.clip(z, -1.0, 1.0)))
+    return theta, phi
+
+
 def healpix_grid(
     order: int,
     *,
@@ -152,9 +196,7 @@ def healpix_grid(
     nside = 2**order
     n_directions = 12 * nside * nside
     n_inplane = 6 * nside
-    import healpy  # imported on first use (~1-2 s at start-up otherwise)
-
-    theta, phi = healpy.pix2ang(nside, np.arange(n_directions), nest=True)
+    theta, phi = _healpix_nest_angles(nside)
     step = 360.0 / n_inplane
     psi = (np.arange(n_inplane) + float(inplane_phase)) * step
     psi = np.mod(psi, 360.0)
