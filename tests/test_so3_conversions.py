@@ -146,3 +146,18 @@ def test_cryosparc_pose_is_rotvec_of_relion_matrix(dtype):
     )
     assert torch.equal(so3.matrix_to_relion_matrix(r), r.transpose(-1, -2))
     assert torch.equal(so3.relion_matrix_to_matrix(so3.matrix_to_relion_matrix(r)), r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotvec_to_matrix_equals_scipy_from_tiny_to_pi(dtype):
+    # angles from 1e-9 rad (Taylor branch) to pi, random axes; any leading shape
+    g = torch.Generator().manual_seed(11)
+    axes = torch.nn.functional.normalize(torch.randn(500, 3, generator=g, dtype=torch.float64),
+                                         dim=-1)
+    angles = torch.logspace(-9, math.log10(math.pi), 500, dtype=torch.float64)
+    v = axes * angles[:, None]
+    ref = torch.from_numpy(Rotation.from_rotvec(v.numpy()).as_matrix())
+    got = so3.rotvec_to_matrix(v.to(dtype).reshape(5, 100, 3)).reshape(500, 3, 3).double()
+    assert (got - ref).abs().max() < (1e-14 if dtype == torch.float64 else 1e-6)
+    with pytest.raises(ValueError, match="rotvec"):
+        so3.rotvec_to_matrix(torch.zeros(4, 2))

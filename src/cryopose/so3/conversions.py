@@ -160,8 +160,29 @@ def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor
         ``[..., 3, 3]`` rotation matrices (Rodrigues' formula, accurate near angle 0).
+
+    Notes
+    -----
+    ``R = I + a [v]x + b [v]x^2`` with ``a = sin t / t``, ``b = (1 - cos t) / t^2``, ``t = |v|``
+    (Taylor series below ``t = 1e-3``). Written here rather than through roma, whose import
+    brings in ``torch._dynamo`` (~2 s of start-up for every command that polishes poses);
+    equal to roma's ``rotvec_to_rotmat`` to rounding (pinned by a test).
     """
-    return _roma().rotvec_to_rotmat(rotvec)
+    v = torch.as_tensor(rotvec)
+    if v.shape[-1:] != (3,):
+        raise ValueError(f"rotvec: expected [..., 3] rotation vectors, got {tuple(v.shape)}")
+    t2 = (v * v).sum(-1)
+    t = torch.sqrt(t2)
+    small = t < 1e-3
+    safe = torch.where(small, torch.ones_like(t), t)
+    a = torch.where(small, 1.0 - t2 / 6.0 + t2 * t2 / 120.0, torch.sin(safe) / safe)
+    b = torch.where(small, 0.5 - t2 / 24.0 + t2 * t2 / 720.0,
+                    (1.0 - torch.cos(safe)) / (safe * safe))
+    x, y, z = v.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*v.shape, 3)
+    eye = torch.eye(3, dtype=v.dtype, device=v.device)
+    return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)
 
 
 def matrix_to_rotvec(matrix: torch.Tensor) -> torch.Tensor:
