@@ -188,3 +188,58 @@ def test_cuda_matches_cpu() -> None:
     gpu = ReferenceScorer(vol.cuda(), px).score_grid(y.cuda(), None, 1.0, grid.to("cuda"))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-2)
+
+
+def test_polar_templates_vanish_beyond_each_ring_band() -> None:
+    # The in-plane GEMM skips, for each angular frequency m, the rings whose band is below m:
+    # exact only if those template coefficients are zero, and useful only if the outer ones
+    # are not.
+    n = 32
+    sc = ReferenceScorer(blob_volume(n, torch.float32), 4.0)
+    grid = healpix_grid(1, dtype=torch.float32)
+    sc.score_grid(torch.zeros(1, n, n), None, 1.0, grid)
+    tcross = sc._template_cache[1]  # [M+1, 2R, 2D]
+    m1, n_r = tcross.shape[0], tcross.shape[1] // 2
+    n_p = grid.n_inplane
+    n_phi = n_p * max(1, math.ceil((2 * sc._m_max + 2) / n_p))
+    band = (sc._ring_samples(n_phi) - 1) // 2
+    assert band.shape == (n_r,) and bool((band[1:] >= band[:-1]).all())
+    assert int(band[0]) < sc._m_max <= int(band[-1])  # inner rings are band-limited
+    per_ring = tcross.reshape(m1, n_r, 2, -1).abs().amax(dim=(2, 3))  # [M+1, R]
+    m = torch.arange(m1)[:, None]
+    assert float(per_ring[m > band[None, :]].max()) == 0.0
+    assert bool((per_ring[m <= band[None, :]] > 0).float().mean() > 0.99)
+
+
+def test_inplane_fft_with_an_odd_inplane_count_agrees_with_dense() -> None:
+    # 37 in-plane angles: the common angular sampling (111) is odd and the outer rings are
+    # clamped to it, so their templates sample the full ring instead of half of it (Friedel).
+    from cryopose.so3.conversions import euler_to_matrix
+    from cryopose.so3.grids import SO3Grid
+
+    n, px = 32, 4.0
+    sc = ReferenceScorer(blob_volume(n, torch.float32), px)
+    base = healpix_grid(1, dtype=torch.float64)
+    dirs = base.euler_deg.reshape(base.n_directions, base.n_inplane, 3)[:, 0]
+    n_p = 37
+    euler = dirs[:, None].repeat(1, n_p, 1)
+    euler[..., 2] = torch.arange(n_p, dtype=torch.float64) * (360.0 / n_p)
+    euler = euler.reshape(-1, 3)
+    grid = SO3Grid(matrices=euler_to_matrix(euler).float(), euler_deg=euler.float(),
+                   weights=torch.full((euler.shape[0],), 1.0 / euler.shape[0]), order=1,
+                   n_directions=base.n_directions, n_inplane=n_p)
+    n_phi = n_p * math.ceil((2 * sc._m_max + 2) / n_p)
+    assert n_phi % 2 == 1 and bool((sc._ring_samples(n_phi) == n_phi).any())
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, len(grid), (4,), generator=g)
+    y = irfft2_centred(sc.projector.slices(grid.matrices[idx]), n)
+    s2 = float(y.var())
+    y = y + torch.randn(y.shape, generator=g) * math.sqrt(s2) * 0.5
+    dense = sc.score_grid(y, None, s2, grid, inplane_fft=False)[..., 0].double()
+    fast = sc.score_grid(y, None, s2, grid)[..., 0].double()
+    for i in range(4):
+        d, f = dense[i], fast[i]
+        err = float(((d - d.mean()) - (f - f.mean())).abs().max())
+        assert err < 0.08 * float(d.max() - d.min())
+        assert spearmanr(d.numpy(), f.numpy()).correlation > 0.97
+    assert torch.equal(fast.argmax(dim=1), idx)

@@ -732,7 +732,8 @@ def summarize_posterior(
 
     outputs: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(PoseEstimates)}
     width = max(t, 9, 1 if group is None else group.shape[0])
-    rows = max(1, _CHUNK_ELEMENTS // (g * width))
+    # (the credible-radius histogram is [rows, _RADIUS_BINS]: bounded too, for small G)
+    rows = max(1, min(_CHUNK_ELEMENTS // (g * width), _CHUNK_ELEMENTS // _RADIUS_BINS))
     for start in range(0, b, rows):
         stop = min(b, start + rows)
         chunk = _summarize_chunk(

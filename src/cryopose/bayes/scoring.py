@@ -497,12 +497,11 @@ class ReferenceScorer:
         # Template polar FTs over phi, m = 0..M: [M+1, R, D] (cross) and even m (norm).
         ms = torch.arange(m_max + 1, device=self.device)
         even = ms[::2]
-        pts = torch.stack([px, py, torch.zeros_like(px)], dim=-1)  # [R, Phi, 3]
         key = (id(grid.matrices), n_d, n_p, n_phi)
         if self._template_cache is not None and self._template_cache[0] == key:
             tcross, tnorm = self._template_cache[1], self._template_cache[2]
         else:
-            tcross, tnorm = self._polar_templates(base, pts, m_max, even, n_phi)
+            tcross, tnorm = self._polar_templates(base, m_max, even, n_phi)
             self._template_cache = (key, tcross, tnorm, grid.matrices)
         # Image side, polar, weights (area, 1/(N^2 sigma2(shell)) on the full plane).
         ring_w = (self._ring_area * dphi)[None, :]  # [1, R]
@@ -514,7 +513,7 @@ class ReferenceScorer:
         per_image = n_r * n_phi * 8 * (3 + 2 * n_t) + (m_max + 1) * n_d * 8 * (n_t + 1) * 2
         bc = self._chunk(per_image, b)
         # first ring carrying each angular frequency m (ring bands grow outwards)
-        ring_band = self._ring_samples(n_phi) // 2 - 1  # largest |m| kept per ring
+        ring_band = (self._ring_samples(n_phi) - 1) // 2  # largest |m| kept per ring
         first_ring = torch.searchsorted(ring_band.cpu(), ms.cpu(), right=False)
         sub = max(1, n_p // max(1, math.ceil(n_p / 16)))  # m blocks of <= 16
         fold_phase = torch.exp(2j * math.pi * ms.double() * phase / n_p).to(self.cdtype)
@@ -590,14 +589,14 @@ class ReferenceScorer:
         samples = 8 * torch.ceil((2.0 * m_ring + 2.0) / 8.0)
         return samples.clamp(max=n_phi).long()
 
-    def _polar_templates(self, base, pts, m_max, even, n_phi):
+    def _polar_templates(self, base, m_max, even, n_phi):
         """Angular Fourier coefficients of the polar templates and of their squared moduli.
 
         Each ring is sampled at its own count ``S_r`` (:meth:`_ring_samples`), its angular
         spectrum kept for ``|m| < S_r / 2`` (the rest is zero) and resampled to the common
         ``n_phi`` angles by trigonometric interpolation for the squared moduli.
         """
-        n_d, n_r = base.shape[0], pts.shape[0]
+        n_d, n_r = base.shape[0], self._radii.numel()
         samples = self._ring_samples(n_phi)
         radii = self._radii.double()
         groups = [(int(s), torch.nonzero(samples == s).reshape(-1)) for s in samples.unique()]
@@ -609,18 +608,19 @@ class ReferenceScorer:
             bs = base[s : s + dc].to(self.dtype)
             spec = torch.zeros(bs.shape[0], n_r, n_phi, dtype=self.cdtype, device=self.device)
             for count, rings in groups:
-                # Friedel: the point at phi + pi is -q and V(-q) = conj(V(q)) (real volume)
-                half = count // 2
+                # Friedel: the point at phi + pi is -q and V(-q) = conj(V(q)) (real volume),
+                # so an even count samples half the ring
+                half = count // 2 if count % 2 == 0 else count
                 phi = torch.arange(half, dtype=torch.float64, device=self.device) * (
                     2 * math.pi / count)
                 rho = radii[rings]
                 x, y = rho[:, None] * torch.cos(phi), rho[:, None] * torch.sin(phi)
                 ring_pts = torch.stack([x, y, torch.zeros_like(x)], dim=-1).to(self.dtype)
                 q = torch.einsum("dij,rpj->drpi", bs, ring_pts)
-                first = self._sample_volume(q)  # [Dc, Rg, S / 2]
-                f = torch.fft.fft(torch.cat([first, first.conj()], dim=-1), dim=-1)
-                f = f * (n_phi / count)  # coefficients of the n_phi-point transform
-                keep = half - 1  # |m| < S / 2
+                first = self._sample_volume(q)  # [Dc, Rg, S / 2] (S when odd)
+                tp = torch.cat([first, first.conj()], dim=-1) if count % 2 == 0 else first
+                f = torch.fft.fft(tp, dim=-1) * (n_phi / count)  # n_phi-point coefficients
+                keep = (count - 1) // 2  # |m| < S / 2
                 spec[:, rings, : keep + 1] = f[..., : keep + 1]
                 spec[:, rings, n_phi - keep :] = f[..., count - keep :]
             tf = spec[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
