@@ -182,12 +182,16 @@ def test_merge_starts_greedy_by_value_and_pruning():
     assert alias[[0, 1, 3, 4, 5]].tolist() == [0, 1, 3, 4, 5]
 
 
-def test_gauss_newton_merged_and_pruned_starts_return_the_best_result():
-    n = 32
-    vol = _blob_volume(n, torch.float64)
+def _noiseless_blob_case(n_images: int, seed: int):
+    """float64 scorer of a 32-px blob, random true poses and their noiseless images."""
+    vol = _blob_volume(32, torch.float64)
     scorer = ReferenceScorer(vol, 4.0, dtype=torch.float64)
-    truth = random_rotations(4, generator=7, dtype=torch.float64)
-    images = Projector(vol).images(truth)
+    truth = random_rotations(n_images, generator=seed, dtype=torch.float64)
+    return scorer, truth, Projector(vol).images(truth)
+
+
+def test_gauss_newton_merged_and_pruned_starts_return_the_best_result():
+    scorer, truth, images = _noiseless_blob_case(4, 7)
     g = torch.Generator().manual_seed(8)
     axis = torch.nn.functional.normalize(torch.randn(4, 3, 3, generator=g,
                                                      dtype=torch.float64), dim=-1)
@@ -271,3 +275,31 @@ def test_laplace_cubature_integrates_a_gaussian_mode(dtype):
                           atol=1e-6)
     second = torch.einsum("p,pi,pj->ij", p, w, w)
     assert torch.allclose(second, cov, rtol=0.02, atol=1e-7)
+
+
+def test_second_chance_keeps_a_start_better_than_its_polished_result():
+    # A continuation that ended far from a start whose own (exact) value is higher is redone
+    # at the full band from the start; results already above their start are left alone.
+    from cryopose.bayes.estimate import _second_chance
+    from cryopose.bayes.newton import NewtonResult
+
+    scorer, truth, images = _noiseless_blob_case(2, 3)
+    g = torch.Generator().manual_seed(4)
+    axis = torch.nn.functional.normalize(torch.randn(2, 3, generator=g, dtype=torch.float64),
+                                         dim=-1)
+    starts = (truth @ rotvec_to_matrix(axis * math.radians(2.0)))[:, None]  # [2, 1, 3, 3]
+    exact = scorer.score_rotations(images, None, 1e-3, starts[:, 0, None])[:, 0, 0]
+    far = truth @ rotvec_to_matrix(axis * math.radians(60.0))
+    far_ll = scorer.score_rotations(images, None, 1e-3, far[:, None])[:, 0, 0]
+    at_truth = scorer.score_rotations(images, None, 1e-3, truth[:, None])[:, 0, 0]
+    # image 0: the "result" is the far pose (below its start); image 1: the truth (above it)
+    res = NewtonResult(rotations=torch.stack([far[0], truth[1]])[:, None],
+                       hessian=torch.eye(3, dtype=torch.float64).expand(2, 1, 3, 3).clone(),
+                       log_likelihood=torch.stack([far_ll[0], at_truth[1]])[:, None])
+    assert float(far_ll[0]) < float(exact[0]) < float(at_truth[0])
+    out = _second_chance(scorer, images, None, 1e-3, starts, None, exact[:, None], res)
+    assert float(geodesic_distance(out.rotations[0, 0], truth[0])) < math.radians(0.2)
+    assert float(out.log_likelihood[0, 0]) > float(exact[0])
+    assert bool(torch.linalg.eigvalsh(out.hessian[0, 0]).min() > 0)
+    assert torch.equal(out.rotations[1], res.rotations[1])
+    assert torch.equal(out.log_likelihood[1], res.log_likelihood[1])

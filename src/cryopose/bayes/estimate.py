@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cryopose.bayes.newton import gauss_newton_poses, laplace_cubature
+from cryopose.bayes.newton import NewtonResult, gauss_newton_poses, laplace_cubature
 from cryopose.bayes.noise import estimate_noise_sigma2
 from cryopose.bayes.posterior import (
     PoseEstimates,
@@ -568,15 +568,16 @@ def _refine(
     if config.newton_finish:
         if est is None:
             starts = centres
-            best_t = log_lik[rows[:, None], candidates].argmax(-1)  # [B, K]
+            start_lik = log_lik[rows[:, None], candidates]  # [B, K, T]
         else:
             cand = est.top_candidates.to(device)
             cand = torch.where(cand < 0, est.index_map[:, None].to(device), cand)
             starts = quad.rotation_at(rows[:, None], cand)
-            best_t = quad.log_lik[rows[:, None], cand].argmax(-1)
+            start_lik = quad.log_lik[rows[:, None], cand]
+        start_value, best_t = start_lik.max(dim=-1)  # [B, K]
         est = _newton_finish(
             scorer, images, ctf, sigma2, shifts, quad, starts, best_t, finest_deg, prior,
-            group, config,
+            group, config, start_value=start_value,
         )
     # (refine_levels >= 1 or newton_finish, so est is set); without the Newton finish the
     # point-density MAP / MLE of the last summary already reflect every level
@@ -596,15 +597,24 @@ def _newton_finish(
     prior,
     group: torch.Tensor | None,
     config: EstimateConfig,
+    start_value: torch.Tensor | None = None,
 ) -> PoseEstimates:
     """Gauss-Newton from each start, then a Laplace cubature for every mode narrower than a
-    quarter of the point spacing about it (:mod:`cryopose.bayes.newton`)."""
+    quarter of the point spacing about it (:mod:`cryopose.bayes.newton`).
+
+    ``start_value`` ``[B, K]``: the starts' log-likelihoods on the grid. The band continuation
+    can carry a start out of its basin to a lower full-band maximum (measured: 7% of the starts
+    at SNR 0.03, 2% at 0.1 ended more than 1 nat below their start); such starts are polished
+    again at the full band alone and keep the better of the two results.
+    """
     b, k = starts.shape[:2]
     device = starts.device
     start_shifts = None if shifts is None else shifts.to(device)[best_t]  # [B, K, 2]
     res = gauss_newton_poses(
         scorer, images, ctf, sigma2, starts.float(), start_shifts, start_error_deg=spacing_deg
     )
+    if start_value is not None:
+        res = _second_chance(scorer, images, ctf, sigma2, starts, start_shifts, start_value, res)
     hessian = res.hessian.double()
     modes = res.rotations.double()
     points, log_w, sigma_max = laplace_cubature(modes, hessian)
@@ -668,6 +678,47 @@ def _newton_finish(
         est.max_probability, mode_mass.to(est.max_probability.dtype)
     ).clamp(max=1.0)
     return est
+
+
+def _second_chance(scorer, images, ctf, sigma2, starts, start_shifts, start_value, res,
+                   full_band_steps: int = 3):
+    """Polish again, at the full band only, the starts whose Gauss-Newton result ended below
+    their own exact log-likelihood (the band continuation carried them out of the start's
+    basin to a lower full-band maximum), and keep the better result (rotation, Hessian and
+    log-likelihood) per start.
+
+    The grid values (in-plane FFT path) pick the suspects, with a 1-nat allowance; the exact
+    (dense) values decide, since the grid's differ from them by a fraction of the likelihood's
+    spread (~0.7 nat rms at SNR 0.03, hundreds of nats on noiseless data)."""
+    lower = res.log_likelihood.double() < start_value.double() + 1.0  # [B, K] suspects
+    if not bool(lower.any()):
+        return res
+    bi, ki = torch.nonzero(lower, as_tuple=True)
+    s2 = torch.as_tensor(sigma2)
+    per_image = s2.ndim == 2 and s2.shape[0] == images.shape[0] > 1
+    sub_ctf = None if ctf is None else ctf[bi]
+    sub_shift = None if start_shifts is None else start_shifts[bi, ki][:, None]
+    exact = scorer.score_rotations(images[bi], sub_ctf, s2[bi] if per_image else s2,
+                                   starts[bi, ki][:, None].float(), sub_shift)[:, 0, 0].double()
+    below = exact > res.log_likelihood[bi, ki].double()
+    if not bool(below.any()):
+        return res
+    bi, ki = bi[below], ki[below]
+    s2 = s2[bi] if per_image else s2
+    again = gauss_newton_poses(
+        scorer, images[bi], None if ctf is None else ctf[bi], s2, starts[bi, ki][:, None].float(),
+        None if start_shifts is None else start_shifts[bi, ki][:, None],
+        bands=[math.inf] * (1 + full_band_steps), merge=False, prune_nats=None,
+    )
+    better = again.log_likelihood[:, 0] > res.log_likelihood[bi, ki]
+    rotations, hessian = res.rotations.clone(), res.hessian.clone()
+    log_likelihood = res.log_likelihood.clone()
+    rotations[bi, ki] = torch.where(better[:, None, None], again.rotations[:, 0],
+                                    rotations[bi, ki])
+    hessian[bi, ki] = torch.where(better[:, None, None], again.hessian[:, 0], hessian[bi, ki])
+    log_likelihood[bi, ki] = torch.where(better, again.log_likelihood[:, 0],
+                                         log_likelihood[bi, ki])
+    return NewtonResult(rotations=rotations, hessian=hessian, log_likelihood=log_likelihood)
 
 
 def _fit_empirical(prior, reader, table, ctf_params, scorer, grid, sigma2, shifts, config):
