@@ -18,7 +18,7 @@ B. Prior (seed Fig. 2). ``--prior-n`` particles with poses from IG(eta = 0.3) ab
    uniform, the matching iso-gaussian:0.3@30,60,90 and the empirical prior: mean squared
    chordal error and median error. Goal: matching < uniform <= MLE.
 
-    .venv/bin/python bench/bench_uncertainty.py [--n 512] [--snr 0.02] [--grid-order 2]
+    .venv/bin/python bench/bench_uncertainty.py [--n 512] [--snr 0.018] [--grid-order 2]
         [--n-starts 3] [--prior-n 256] [--prior-snr 0.016] [--seed 0] [--threads 2]
 
 Data are simulated (seeded) into a temporary folder under /tmp, deleted afterwards.
@@ -182,7 +182,7 @@ def table_prior(args, tmp: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512, help="particles, table A")
-    parser.add_argument("--snr", type=float, default=0.02, help="SNR, table A")
+    parser.add_argument("--snr", type=float, default=0.018, help="SNR, table A")
     parser.add_argument("--grid-order", type=int, default=2)
     parser.add_argument("--n-starts", type=int, default=3, help="refinement starts")
     parser.add_argument("--prior-n", type=int, default=256, help="particles, table B")
