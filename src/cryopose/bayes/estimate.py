@@ -681,7 +681,7 @@ def _newton_finish(
 
 
 def _second_chance(scorer, images, ctf, sigma2, starts, start_shifts, start_value, res,
-                   full_band_steps: int = 3):
+                   full_band_steps: int = 2):
     """Polish again, at the full band only, the starts whose Gauss-Newton result ended below
     their own exact log-likelihood (the band continuation carried them out of the start's
     basin to a lower full-band maximum), and keep the better result (rotation, Hessian and
