@@ -156,7 +156,8 @@ def _healpix_nest_angles(nside: int) -> tuple[np.ndarray, np.ndarray]:
     jp = (_FACE_PHI[face] * nr + ix - iy + 1 + shift) // 2
     jp = np.where(jp > 4 * nside, jp - 4 * nside, np.where(jp < 1, jp + 4 * nside, jp))
     phi = (jp - (shift + 1) * 0.5) * (0.5 * math.pi / nr)
-    # near the poles theta from sin(theta) = nr sqrt(2 / 3 - ...) keeps full precision
+    # in the polar caps theta = arcsin((nr / nside) sqrt((6 - (nr / nside)^2) / 9)): arccos(z)
+    # loses precision as z -> 1
     cap = north | south
     sin_cap = nr / nside * np.sqrt((6.0 - nr.astype(np.float64) ** 2 / (nside * nside)) / 9.0)
     theta = np.where(cap, np.where(north, np.arcsin(np.minimum(sin_cap, 1.0)),
