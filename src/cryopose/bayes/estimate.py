@@ -693,31 +693,29 @@ def _second_chance(scorer, images, ctf, sigma2, starts, start_shifts, start_valu
     lower = res.log_likelihood.double() < start_value.double() + 1.0  # [B, K] suspects
     if not bool(lower.any()):
         return res
-    bi, ki = torch.nonzero(lower, as_tuple=True)
     s2 = torch.as_tensor(sigma2)
     per_image = s2.ndim == 2 and s2.shape[0] == images.shape[0] > 1
-    sub_ctf = None if ctf is None else ctf[bi]
-    sub_shift = None if start_shifts is None else start_shifts[bi, ki][:, None]
-    exact = scorer.score_rotations(images[bi], sub_ctf, s2[bi] if per_image else s2,
-                                   starts[bi, ki][:, None].float(), sub_shift)[:, 0, 0].double()
+
+    def pick(bi, ki):  # images, CTF, noise, start [n, 1, 3, 3] and shift of these starts
+        return (images[bi], None if ctf is None else ctf[bi], s2[bi] if per_image else s2,
+                starts[bi, ki][:, None].float(),
+                None if start_shifts is None else start_shifts[bi, ki][:, None])
+
+    bi, ki = torch.nonzero(lower, as_tuple=True)
+    exact = scorer.score_rotations(*pick(bi, ki))[:, 0, 0].double()
     below = exact > res.log_likelihood[bi, ki].double()
     if not bool(below.any()):
         return res
     bi, ki = bi[below], ki[below]
-    s2 = s2[bi] if per_image else s2
-    again = gauss_newton_poses(
-        scorer, images[bi], None if ctf is None else ctf[bi], s2, starts[bi, ki][:, None].float(),
-        None if start_shifts is None else start_shifts[bi, ki][:, None],
-        bands=[math.inf] * (1 + full_band_steps), merge=False, prune_nats=None,
-    )
+    again = gauss_newton_poses(scorer, *pick(bi, ki), bands=[math.inf] * (1 + full_band_steps),
+                               merge=False, prune_nats=None)
     better = again.log_likelihood[:, 0] > res.log_likelihood[bi, ki]
+    bi, ki = bi[better], ki[better]
     rotations, hessian = res.rotations.clone(), res.hessian.clone()
     log_likelihood = res.log_likelihood.clone()
-    rotations[bi, ki] = torch.where(better[:, None, None], again.rotations[:, 0],
-                                    rotations[bi, ki])
-    hessian[bi, ki] = torch.where(better[:, None, None], again.hessian[:, 0], hessian[bi, ki])
-    log_likelihood[bi, ki] = torch.where(better, again.log_likelihood[:, 0],
-                                         log_likelihood[bi, ki])
+    rotations[bi, ki] = again.rotations[better, 0]
+    hessian[bi, ki] = again.hessian[better, 0]
+    log_likelihood[bi, ki] = again.log_likelihood[better, 0]
     return NewtonResult(rotations=rotations, hessian=hessian, log_likelihood=log_likelihood)
 
 

@@ -598,7 +598,6 @@ class ReferenceScorer:
         """
         n_d, n_r = base.shape[0], self._radii.numel()
         samples = self._ring_samples(n_phi)
-        radii = self._radii.double()
         groups = [(int(s), torch.nonzero(samples == s).reshape(-1)) for s in samples.unique()]
         # cross templates as real interleaved blocks [M+1, R, 2, 2D] (viewed [M+1, 2R, 2D])
         tcross = torch.empty(m_max + 1, n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
@@ -611,11 +610,8 @@ class ReferenceScorer:
                 # Friedel: the point at phi + pi is -q and V(-q) = conj(V(q)) (real volume),
                 # so an even count samples half the ring
                 half = count // 2 if count % 2 == 0 else count
-                phi = torch.arange(half, dtype=torch.float64, device=self.device) * (
-                    2 * math.pi / count)
-                rho = radii[rings]
-                x, y = rho[:, None] * torch.cos(phi), rho[:, None] * torch.sin(phi)
-                ring_pts = torch.stack([x, y, torch.zeros_like(x)], dim=-1).to(self.dtype)
+                x, y = (c[rings, :half] for c in self._polar_points(count))
+                ring_pts = torch.stack([x, y, torch.zeros_like(x)], dim=-1)
                 q = torch.einsum("dij,rpj->drpi", bs, ring_pts)
                 first = self._sample_volume(q)  # [Dc, Rg, S / 2] (S when odd)
                 tp = torch.cat([first, first.conj()], dim=-1) if count % 2 == 0 else first
