@@ -303,3 +303,81 @@ def test_second_chance_keeps_a_start_better_than_its_polished_result():
     assert bool(torch.linalg.eigvalsh(out.hessian[0, 0]).min() > 0)
     assert torch.equal(out.rotations[1], res.rotations[1])
     assert torch.equal(out.log_likelihood[1], res.log_likelihood[1])
+
+
+@pytest.mark.parametrize("n", [24, 25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_terms_equal_the_torch_terms(n, dtype):
+    # log-likelihood, gradient and Gauss-Newton Hessian of (image, start) pairs, with a CTF,
+    # per-pair shifted data and a band limit (a prefix of the radius-sorted points)
+    from cryopose.bayes._newton_kernel import gauss_newton_terms
+    from cryopose.bayes.newton import _terms_torch
+    from cryopose.imaging import ctf_2d
+
+    vol = _blob_volume(n, dtype)
+    scorer = ReferenceScorer(vol, 4.0, dtype=dtype)
+    b, k = 3, 2
+    truth = random_rotations(b, generator=1, dtype=dtype)
+    images = Projector(vol).images(truth)
+    images = images + 0.3 * images.std() * torch.randn(
+        images.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    ctf = ctf_2d(defocus_u_angstrom=12000.0, defocus_v_angstrom=11000.0, defocus_angle_deg=30.0,
+                 voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1, pixel_size_angstrom=4.0,
+                 box=n, dtype=dtype)
+    y, c, w, _ = scorer._prepare(images, ctf[None].expand(b, -1, -1), 0.5)
+    m = scorer._tmask
+    radius = torch.sqrt(scorer._kx**2 + scorer._ky**2)
+    order = torch.argsort(radius, stable=True)
+    kx, ky = scorer._kx[order], scorer._ky[order]
+    y_all, w_all, c_all = y[:, m][:, order], w[:, m][:, order], c[:, m][:, order]
+    rot = (truth[:, None] @ random_rotations(b * k, generator=3, dtype=dtype).reshape(b, k, 3, 3)
+           ).reshape(b * k, 3, 3)
+    owner = torch.arange(b).repeat_interleave(k)
+    phase = 0.3 * torch.randn(b * k, kx.shape[0], generator=torch.Generator().manual_seed(4),
+                              dtype=dtype)
+    data_r = y_all.real[owner] * torch.cos(phase) - y_all.imag[owner] * torch.sin(phase)
+    data_i = y_all.real[owner] * torch.sin(phase) + y_all.imag[owner] * torch.cos(phase)
+    rows = torch.arange(b * k)
+    for n_band in (kx.shape[0], int((radius <= n / 5).sum())):
+        fast = gauss_newton_terms(scorer.projector, rot, data_r, data_i, rows, w_all, c_all,
+                                  owner, kx, ky, n_band)
+        ref = _terms_torch(scorer.projector, rot, data_r[:, :n_band], data_i[:, :n_band],
+                           w_all[owner, :n_band], c_all[owner, :n_band], kx[:n_band],
+                           ky[:n_band])
+        tol = 1e-10 if dtype == torch.float64 else 2e-4
+        for got, want in zip(fast, ref, strict=True):
+            assert got.dtype == dtype and got.shape == want.shape
+            assert float((got - want).abs().max()) <= tol * float(want.abs().max())
+    # no CTF: the kernel's c = 1 branch
+    fast = gauss_newton_terms(scorer.projector, rot, data_r, data_i, rows, w_all, None, owner,
+                              kx, ky, kx.shape[0])
+    ref = _terms_torch(scorer.projector, rot, data_r, data_i, w_all[owner], None, kx, ky)
+    for got, want in zip(fast, ref, strict=True):
+        assert float((got - want).abs().max()) <= tol * float(want.abs().max())
+
+
+def test_gauss_newton_backends_agree_and_numba_is_thread_independent():
+    scorer, truth, images = _noiseless_blob_case(4, 11)
+    g = torch.Generator().manual_seed(12)
+    axis = torch.nn.functional.normalize(torch.randn(4, 2, 3, generator=g, dtype=torch.float64),
+                                         dim=-1)
+    starts = truth[:, None] @ rotvec_to_matrix(axis * math.radians(5.0))
+    shifts = torch.tensor([0.5, -0.25], dtype=torch.float64).expand(4, 2, 2)
+    runs = {}
+    threads = torch.get_num_threads()
+    try:
+        for backend, n_threads in (("torch", 2), ("numba", 1), ("numba", 2)):
+            torch.set_num_threads(n_threads)
+            runs[backend, n_threads] = gauss_newton_poses(
+                scorer, images, None, 1e-3, starts, shifts, start_error_deg=6.0,
+                backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    one, two, ref = runs["numba", 1], runs["numba", 2], runs["torch", 2]
+    assert torch.equal(one.rotations, two.rotations) and torch.equal(one.hessian, two.hessian)
+    assert torch.equal(one.log_likelihood, two.log_likelihood)
+    assert float(geodesic_distance(two.rotations, ref.rotations).max()) < 1e-7
+    assert torch.allclose(two.log_likelihood, ref.log_likelihood, rtol=1e-9, atol=1e-6)
+    assert torch.allclose(two.hessian, ref.hessian, rtol=1e-7)
+    with pytest.raises(ValueError, match="backend"):
+        gauss_newton_poses(scorer, images, None, 1e-3, starts, backend="fortran")

@@ -214,3 +214,68 @@ def test_slices_and_gradients_are_hermitian_up_to_the_band_edge(box):
     gscale = float(gp.abs().max())
     assert torch.allclose(gm[:, 0], -gp[:, 0], atol=1e-12 * gscale, rtol=0)
     assert torch.allclose(gm[:, 1], gp[:, 1], atol=1e-12 * gscale, rtol=0)
+
+
+def _disk_and_far_points(proj: Projector, n_rot: int, seed: int, dtype) -> torch.Tensor:
+    """Slice points of random poses (|q| < N / 2, both signs of q_z), random points of the
+    ball |q| < N / 2, and points beyond the padded grid's margin (value 0)."""
+    box = proj.box
+    rot = haar(n_rot, seed).to(dtype)
+    q = torch.einsum("nij,pj->npi", rot[:, :, :2], torch.stack([proj._kx, proj._ky], -1))
+    g = torch.Generator().manual_seed(seed)
+    ball = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    ball = ball / ball.norm(dim=-1, keepdim=True) * torch.rand(500, 1, generator=g,
+                                                               dtype=torch.float64) * box / 2
+    far = torch.tensor([[1.2 * box, 0.0, -0.3], [0.1, -box, 0.2], [0.0, 0.3, -0.9 * box]],
+                       dtype=torch.float64)
+    return torch.cat([q.reshape(-1, 3), ball.to(dtype) * 0.999, far.to(dtype)])
+
+
+@pytest.mark.parametrize("box", [16, 17])
+@pytest.mark.parametrize("pad", [2.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_gather_equals_the_block_table_gather(box, pad, dtype):
+    """The CPU kernel (Hermitian half table, ``q_z < 0`` read as ``conj V(-q)``) returns the
+    block table's trilinear values: even and odd padded boxes (17 x 1.0 is odd: the last half
+    pixel of the disk reaches the periodic low margin), float32 and float64."""
+    from cryopose.runtime import numba_ready
+
+    assert numba_ready()
+    g = torch.Generator().manual_seed(3)
+    vol = torch.randn(box, box, box, generator=g, dtype=dtype)
+    proj = Projector(vol, pad_factor=pad)
+    points = _disk_and_far_points(proj, 20, 4, dtype)
+    assert bool((points[:, 2] < 0).any()) and bool((points[:, 2] > 0).any())
+    fast = proj.sample_ri(points)  # numba
+    block = proj._sample_block(points, gradient=False)
+    scale = float(block.abs().max())
+    tol = (1e-12 if dtype == torch.float64 else 3e-6) * scale
+    assert fast.dtype == dtype and fast.shape == (2, points.shape[0])
+    assert float((fast - block).abs().max()) <= tol
+    assert float(fast[:, -3:].abs().max()) == 0.0  # beyond the margin
+    # and both equal the grid_sample slices (the operator tested against the library)
+    rot = haar(5, 9).to(dtype)
+    q = torch.einsum("nij,pj->npi", rot[:, :, :2], torch.stack([proj._kx, proj._ky], -1))
+    sl = proj.slices(rot)[:, proj._mask]
+    v = proj.sample_ri(q)
+    assert torch.allclose(torch.complex(v[0], v[1]), sl, rtol=0, atol=tol)
+
+
+def test_numba_gather_is_thread_independent_and_can_be_turned_off(monkeypatch):
+    from cryopose.runtime import numba_ready
+
+    g = torch.Generator().manual_seed(1)
+    proj = Projector(torch.randn(16, 16, 16, generator=g))
+    points = _disk_and_far_points(proj, 50, 2, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = proj.sample_ri(points)
+        torch.set_num_threads(2)
+        two = proj.sample_ri(points)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    monkeypatch.setenv("CRYOPOSE_NUMBA", "0")
+    assert not numba_ready()
+    assert torch.equal(proj.sample_ri(points), proj._sample_block(points, gradient=False))

@@ -11,6 +11,10 @@ threshold lets freed blocks return to the heap and be reused by the next batch.
 callers of the library may call it once (it changes the allocator of the whole process: memory
 freed by large tensors stays with the process, up to the trim threshold, instead of going back
 to the system at once). It does nothing where the C library is not glibc.
+
+:func:`numba_ready` says whether the numba CPU kernels (the Gauss-Newton terms and the
+projector's value gather) can run, and gives numba torch's thread count, so that
+``torch.set_num_threads`` bounds both.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["configure_allocator"]
+__all__ = ["configure_allocator", "numba_ready"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (glibc malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -67,3 +71,33 @@ def configure_allocator(
             applied = False
     _state[key] = applied
     return applied
+
+
+_NUMBA: dict[str, object] = {}
+
+
+def numba_ready() -> bool:
+    """Whether numba is importable; if so, set its thread count to torch's.
+
+    The environment variable ``CRYOPOSE_NUMBA=0`` turns the numba kernels off (the batched torch
+    code runs instead; both compute the same values to rounding).
+    """
+    import os
+
+    if os.environ.get("CRYOPOSE_NUMBA", "1") == "0":
+        return False
+    if "module" not in _NUMBA:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numba is a dependency
+            numba = None
+        _NUMBA["module"] = numba
+    numba = _NUMBA["module"]
+    if numba is None:  # pragma: no cover
+        return False
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    return True
