@@ -90,7 +90,7 @@ def gauss_newton_terms(
         In ``projector.dtype``.
     """
     dtype = projector.dtype
-    values, z0 = projector.half_values()
+    values, _ = projector.half_values()
     a = rotations.shape[0]
     ll = np.zeros(a, dtype=np.float64)
     g = np.zeros((a, 3), dtype=np.float64)
@@ -101,7 +101,7 @@ def gauss_newton_terms(
         c = (np.zeros((0, 0), dtype=torch.empty(0, dtype=dtype).numpy().dtype) if ctf is None
              else _np(ctf, dtype))
         _kernel()(
-            values.numpy(), float(z0), float(m // 2 + 1), float(m / projector.box),
+            values.numpy(), float(m // 2 + 1), float(m / projector.box),
             _np(rotations, dtype), _np(data_r, dtype), _np(data_i, dtype),
             data_row.to(torch.int64).contiguous().numpy(), _np(weights, dtype), c,
             owner.to(torch.int64).contiguous().numpy(), _np(kx, dtype), _np(ky, dtype),
