@@ -39,11 +39,12 @@ def test_local_refinement_beats_the_global_grid(tmp_path):
     assert fine_err.max_deg < spacing / 2
 
 
-@pytest.mark.parametrize("snr", [1.0, 0.05])
+@pytest.mark.parametrize("snr", [1.0, 0.2, 0.05])
 @pytest.mark.parametrize("refine_levels", [0, 1])
 def test_pruned_and_shared_grid_quadratures_agree(tmp_path, monkeypatch, snr, refine_levels):
     # the refined quadrature keeps only the grid points that can matter (per particle) when
-    # posteriors are sharp, else shares the whole grid; both must give the same estimates
+    # posteriors are sharp, else shares the whole grid; a batch with both is refined in two
+    # groups (sharp, then broad); every layout must give the same estimates
     from cryopose.bayes import estimate as estimate_module
 
     table, volume = simulated(tmp_path, snr, 12, seed=3, max_shift_angstrom=6.0)
@@ -59,12 +60,13 @@ def test_pruned_and_shared_grid_quadratures_agree(tmp_path, monkeypatch, snr, re
 
     monkeypatch.setattr(estimate_module, "_grid_quadrature", spy)
     default = estimate_poses(table, volume, PX, EstimateConfig(**config)).estimates
-    monkeypatch.setattr(estimate_module, "_grid_quadrature", lambda grid, ll, lp: (
+    monkeypatch.setattr(estimate_module, "_grid_quadrature", lambda grid, ll, lp, keep=None: (
         estimate_module._Quadrature(grid.matrices.double(), ll.double(),
                                     torch.log(grid.weights.double()).expand(ll.shape[0], -1)
                                     .clone(), lp.double().expand(ll.shape[0], -1).clone())))
     shared = estimate_poses(table, volume, PX, EstimateConfig(**config)).estimates
-    assert layouts == [snr < 1.0]  # sharp posteriors took the per-particle path
+    # per-particle points for sharp posteriors, the shared grid for broad ones, both at 0.2
+    assert layouts == {1.0: [False], 0.2: [False, True], 0.05: [True]}[snr]
     for name in ("rotations_mmse", "rotations_map", "shifts_mmse_px", "expected_loss",
                  "credible_radius_deg", "mass_outside_20deg"):
         torch.testing.assert_close(getattr(default, name), getattr(shared, name), rtol=1e-4,

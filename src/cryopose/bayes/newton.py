@@ -21,6 +21,11 @@ continuation, :func:`band_schedule`). With several starts per image, the starts 
 catch up with the best one are dropped at each band change and those that reach the same
 basin are merged entering the full band (:func:`gauss_newton_poses`).
 
+Each evaluation (log-likelihood, gradient and Hessian of every live start) reads the template
+and its gradient at ``|k|`` up to the band for every start: on the CPU a fused numba kernel
+(:mod:`cryopose.bayes._newton_kernel`) does it in one pass per start from a cache-sized half
+table of the transform; elsewhere batched torch code (``backend``).
+
 :func:`laplace_cubature` turns a mode and its ``H`` into 7 quadrature points (the mode and
 ``+-2 sqrt(lambda_i) v_i`` along the eigenvectors of ``H^-1``) with Haar-mass weights such that
 the quadrature is exact for a Gaussian posterior and integrates polynomials of degree 3 in

@@ -139,6 +139,11 @@ class PoseEstimates:
         """Copy with every tensor on ``device``."""
         return PoseEstimates(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def take(self, rows: torch.Tensor) -> PoseEstimates:
+        """The estimates of particles ``rows`` (int64 indices, any order)."""
+        return PoseEstimates(**{f.name: getattr(self, f.name)[rows.to(
+            getattr(self, f.name).device)] for f in fields(self)})
+
     @staticmethod
     def concatenate(parts: Sequence[PoseEstimates]) -> PoseEstimates:
         """Join estimates of consecutive particle batches (``top_candidates`` must agree in K)."""
