@@ -96,6 +96,19 @@ def _rz(psi_rad: torch.Tensor) -> torch.Tensor:
     return torch.stack([c, -s, z, s, c, z, z, z, o], dim=-1).reshape(*psi_rad.shape, 3, 3)
 
 
+def _interleave(block: torch.Tensor, values: torch.Tensor) -> None:
+    """Write complex ``values [M, R, D]`` into ``block [M, R, 2, 2D]`` (real) so that a real
+    GEMM with rows ``(r, re / im of the image coefficient)`` gives the complex products with
+    columns ``(d, re / im)``: ``(a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i +
+    a_i t_r)``."""
+    view = block.view(*block.shape[:3], -1, 2)
+    tr, ti = values.real, values.imag
+    view[:, :, 0, :, 0] = tr
+    view[:, :, 0, :, 1] = ti
+    view[:, :, 1, :, 0] = -ti
+    view[:, :, 1, :, 1] = tr
+
+
 class ReferenceScorer:
     """Log-likelihoods of images for every rotation (and shift) of a grid, for one reference.
 
@@ -558,9 +571,18 @@ class ReferenceScorer:
                 n_e = int(keep.max()) + 1 if keep.numel() else 1
                 qf = qf[..., :n_e].permute(2, 0, 1).contiguous()  # [E, Bc, R]
             qf = qf * coef[even[:n_e], None, None]
-            nm = torch.bmm(qf, tnorm[:n_e])  # [E, Bc, D], even m = 0, 2, ...
-            self.last_gemm_flops += 8 * n_e * qf.shape[1] * n_r * n_d
-            nb = nm.shape[1]
+            # [E, Bc, D], even m = 2e = 0, 2, ...: real interleaved GEMMs as for the cross
+            # term; |X|^2 on ring r carries |m| <= 2 band_r, so row e starts at first_ring[e]
+            nb = qf.shape[1]
+            left_n = torch.view_as_real(qf).reshape(n_e, nb, 2 * n_r)
+            nm_ri = torch.zeros(n_e, nb, 2 * n_d, dtype=real_dtype, device=self.device)
+            for lo in range(0, n_e, sub):
+                hi = min(lo + sub, n_e)
+                r0 = 2 * int(first_ring[lo])
+                if r0 < 2 * n_r:
+                    nm_ri[lo:hi].baddbmm_(left_n[lo:hi, :, r0:], tnorm[lo:hi, r0:])
+                    self.last_gemm_flops += 2 * (hi - lo) * nb * (2 * n_r - r0) * 2 * n_d
+            nm = torch.view_as_complex(nm_ri.view(n_e, nb, n_d, 2))
             # The norm term's frequencies 2e fold into the same P bins as the cross term's (for
             # every shift), so one inverse FFT over the in-plane angle gives both:
             # out[b, d, j, t] = Re ifft(cross bins + norm bins)[j, b * T + t, d]
@@ -601,7 +623,7 @@ class ReferenceScorer:
         groups = [(int(s), torch.nonzero(samples == s).reshape(-1)) for s in samples.unique()]
         # cross templates as real interleaved blocks [M+1, R, 2, 2D] (viewed [M+1, 2R, 2D])
         tcross = torch.empty(m_max + 1, n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
-        tnorm = torch.empty(even.numel(), n_r, n_d, dtype=self.cdtype, device=self.device)
+        tnorm = torch.empty(even.numel(), n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
         dc = self._chunk(n_r * n_phi * 40, n_d)
         for s in range(0, n_d, dc):
             bs = base[s : s + dc].to(self.dtype)
@@ -620,20 +642,12 @@ class ReferenceScorer:
                 spec[:, rings, : keep + 1] = f[..., : keep + 1]
                 spec[:, rings, n_phi - keep :] = f[..., count - keep :]
             tf = spec[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
-            tr, ti = tf.real, tf.imag
-            # rows (r, re/im of the image coefficient), columns (d, re/im of the product):
-            # (a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i + a_i t_r)
-            block = tcross[:, :, :, 2 * s : 2 * (s + tf.shape[-1])].view(
-                m_max + 1, n_r, 2, -1, 2
-            )
-            block[:, :, 0, :, 0] = tr
-            block[:, :, 0, :, 1] = ti
-            block[:, :, 1, :, 0] = -ti
-            block[:, :, 1, :, 1] = tr
+            _interleave(tcross[:, :, :, 2 * s : 2 * (s + tf.shape[-1])], tf)
             tp = torch.fft.ifft(spec, dim=-1)  # [Dc, R, n_phi] band-limited templates
             nf = torch.fft.fft(tp.real**2 + tp.imag**2, dim=-1)[..., even]
-            tnorm[:, :, s : s + dc] = nf.permute(2, 1, 0)
-        return tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d), tnorm
+            _interleave(tnorm[:, :, :, 2 * s : 2 * (s + tf.shape[-1])], nf.permute(2, 1, 0))
+        return (tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d),
+                tnorm.reshape(even.numel(), 2 * n_r, 2 * n_d))
 
     def _ring_inv_var(self, sigma2: torch.Tensor | float, b: int) -> torch.Tensor:
         n = self.box
