@@ -297,14 +297,14 @@ def settings_for(snr: str, base: dict, overrides: dict) -> dict:
 
 
 def warm_up() -> None:
-    """Load what cryopose loads on first use before any timing: numba and its two CPU kernels
+    """Load what cryopose loads on first use before any timing: numba and its CPU kernels
     (~1 s from the on-disk cache; ~4 s to compile them the first time on a machine). A
     one-off start-up cost, not a per-particle rate (the CLI timing includes it)."""
     from cryopose.bayes.newton import gauss_newton_poses
     from cryopose.bayes.scoring import ReferenceScorer
 
     scorer = ReferenceScorer(torch.rand(16, 16, 16), 4.0)
-    scorer.projector.sample_ri(torch.zeros(1, 3))
+    scorer.projector.slice_values(torch.eye(3)[None], torch.zeros(1), torch.zeros(1))
     gauss_newton_poses(scorer, torch.rand(1, 16, 16), None, 1.0,
                        torch.eye(3).expand(1, 1, 3, 3), bands=[math.inf])
 

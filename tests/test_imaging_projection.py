@@ -279,3 +279,22 @@ def test_numba_gather_is_thread_independent_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("CRYOPOSE_NUMBA", "0")
     assert not numba_ready()
     assert torch.equal(proj.sample_ri(points), proj._sample_block(points, gradient=False))
+
+
+@pytest.mark.parametrize("box", [16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numba", ["1", "0"])
+def test_slice_values_are_the_slices_at_their_points(box, dtype, numba, monkeypatch):
+    # the fused kernel (numba) and the torch gather both return slices(R)[..., mask]
+    monkeypatch.setenv("CRYOPOSE_NUMBA", numba)
+    g = torch.Generator().manual_seed(7)
+    proj = Projector(torch.randn(box, box, box, generator=g, dtype=dtype))
+    rot = haar(6, 8).to(dtype).reshape(2, 3, 3, 3)  # any leading batch shape
+    values = proj.slice_values(rot, proj._kx, proj._ky)
+    assert values.shape == (2, 3, proj._kx.numel()) and values.dtype == proj.slices(rot).dtype
+    want = proj.slices(rot)[..., proj._mask]
+    tol = (1e-12 if dtype == torch.float64 else 3e-6) * float(want.abs().max())
+    assert float((values - want).abs().max()) <= tol
+    # points beyond the padded grid's margin: 0
+    far = proj.slice_values(rot[0, :1], torch.tensor([3.0 * box]), torch.tensor([0.5]))
+    assert float(far.abs().max()) == 0.0

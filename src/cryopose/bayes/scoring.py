@@ -312,15 +312,18 @@ class ReferenceScorer:
         elem = 4 if self.dtype == torch.float32 else 8
         if rot.ndim == 3:
             n_l = rot.shape[0]
+            # rotations as rows: (templates [Lc, 2K]) @ (data [2K, B T]) runs ~40% faster
+            # than data @ templates^T on CPU BLAS (measured, 2 cores: 168-180 vs 111-131
+            # GFLOP/s on these shapes)
             out = torch.empty(b, n_l, t, dtype=self.dtype, device=self.device)
             lc = self._chunk(3 * k * elem * 3 + b * t * elem, n_l)
             left2 = left.reshape(b * t, 2 * k)
             for s in range(0, n_l, lc):
                 x = self._templates(rot[s : s + lc])  # [Lc, K]
-                xr = torch.cat([x.real, x.imag], dim=-1).T  # [2K, Lc]
-                cross = (left2 @ xr).reshape(b, t, -1)
-                norm = q @ (x.real**2 + x.imag**2).T  # [B, Lc]
-                out[:, s : s + lc] = (cross + norm[:, None, :]).transpose(1, 2)
+                xr = torch.cat([x.real, x.imag], dim=-1)  # [Lc, 2K]
+                cross = (xr @ left2.T).reshape(-1, b, t)
+                norm = (x.real**2 + x.imag**2) @ q.T  # [Lc, B]
+                out[:, s : s + lc] = (cross + norm[:, :, None]).permute(1, 0, 2)
         else:
             n_l = rot.shape[1]
             out = torch.empty(b, n_l, t, dtype=self.dtype, device=self.device)
@@ -422,17 +425,10 @@ class ReferenceScorer:
         py = r[:, None] * torch.sin(phi)[None, :]
         return px.to(self.dtype), py.to(self.dtype)  # [R, Phi]
 
-    def _sample_volume(self, points: torch.Tensor) -> torch.Tensor:
-        """Padded 3D transform at ``[..., 3]`` (x, y, z) points in N-box Fourier pixels."""
-        v = self.projector.sample_ri(points)
-        return torch.complex(v[0], v[1])
-
     def _templates(self, rotations: torch.Tensor) -> torch.Tensor:
         """Central-slice values ``[..., K]`` at the template points of ``rotations``
         ``[..., 3, 3]`` (what ``projector.slices(rotations)[..., _tmask]`` holds)."""
-        rot = rotations.to(self.dtype)
-        q = rot[..., None, :, 0] * self._kx[:, None] + rot[..., None, :, 1] * self._ky[:, None]
-        return self._sample_volume(q)
+        return self.projector.slice_values(rotations, self._kx, self._ky)
 
     def _interp_polar(self, spec_half: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
         """Interpolate Hermitian centred-rfft spectra ``[B, N, N//2+1]`` at polar points.
@@ -633,9 +629,8 @@ class ReferenceScorer:
                 # so an even count samples half the ring
                 half = count // 2 if count % 2 == 0 else count
                 x, y = (c[rings, :half] for c in self._polar_points(count))
-                ring_pts = torch.stack([x, y, torch.zeros_like(x)], dim=-1)
-                q = torch.einsum("dij,rpj->drpi", bs, ring_pts)
-                first = self._sample_volume(q)  # [Dc, Rg, S / 2] (S when odd)
+                first = self.projector.slice_values(bs, x.reshape(-1), y.reshape(-1)).reshape(
+                    bs.shape[0], *x.shape)  # [Dc, Rg, S / 2] (S when odd)
                 tp = torch.cat([first, first.conj()], dim=-1) if count % 2 == 0 else first
                 f = torch.fft.fft(tp, dim=-1) * (n_phi / count)  # n_phi-point coefficients
                 keep = (count - 1) // 2  # |m| < S / 2

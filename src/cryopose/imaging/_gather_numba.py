@@ -1,8 +1,9 @@
 """Numba kernels for trilinear reads of the Hermitian half table
 (:meth:`cryopose.imaging.Projector.half_values`): the cell of a point and the bilinear terms of
 one plane (inlined helpers, shared with :mod:`cryopose.bayes._newton_numba`), and the value
-gather behind :meth:`cryopose.imaging.Projector.sample_ri` on the CPU. Imported on first use;
-compiled once and cached on disk."""
+gathers behind :meth:`cryopose.imaging.Projector.sample_ri` (arbitrary points) and
+:meth:`cryopose.imaging.Projector.slice_values` (central slices) on the CPU. Imported on first
+use; compiled once and cached on disk."""
 
 import numba as nb
 
@@ -65,3 +66,32 @@ def sample_half(vals, offset, scale, points, out):
         v1i, _, _ = plane_terms(vals, bz + 1, by, bx, fx, fy, 1)
         out[0, i] = v0r + fz * (v1r - v0r)
         out[1, i] = sign * (v0i + fz * (v1i - v0i))
+
+
+@nb.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def sample_slices(vals, offset, scale, rot, kx, ky, out):
+    """Central-slice values ``V(R_l (kx_p, ky_p, 0))`` into ``out`` ``[L, P, 2]`` (re, im) for
+    rotations ``rot`` ``[L, 3, 3]`` and in-plane points ``kx, ky`` ``[P]`` (Fourier pixels of
+    the N box); the point coordinates are never stored."""
+    for i in nb.prange(rot.shape[0]):
+        r00 = rot[i, 0, 0] * scale
+        r01 = rot[i, 0, 1] * scale
+        r10 = rot[i, 1, 0] * scale
+        r11 = rot[i, 1, 1] * scale
+        r20 = rot[i, 2, 0] * scale
+        r21 = rot[i, 2, 1] * scale
+        for p in range(kx.shape[0]):
+            x = kx[p]
+            y = ky[p]
+            inside, bx, by, bz, fx, fy, fz, sign = half_cell(
+                r00 * x + r01 * y, r10 * x + r11 * y, r20 * x + r21 * y, offset, vals)
+            if not inside:
+                out[i, p, 0] = 0.0
+                out[i, p, 1] = 0.0
+                continue
+            v0r, _, _ = plane_terms(vals, bz, by, bx, fx, fy, 0)
+            v1r, _, _ = plane_terms(vals, bz + 1, by, bx, fx, fy, 0)
+            v0i, _, _ = plane_terms(vals, bz, by, bx, fx, fy, 1)
+            v1i, _, _ = plane_terms(vals, bz + 1, by, bx, fx, fy, 1)
+            out[i, p, 0] = v0r + fz * (v1r - v0r)
+            out[i, p, 1] = sign * (v0i + fz * (v1i - v0i))

@@ -236,6 +236,44 @@ class Projector:
             return self._sample_numba(points)
         return self._sample_block(points, gradient=False)
 
+    def slice_values(self, rotations: torch.Tensor, kx: torch.Tensor,
+                     ky: torch.Tensor) -> torch.Tensor:
+        """Central-slice values at chosen in-plane frequencies.
+
+        Parameters
+        ----------
+        rotations : torch.Tensor
+            ``[..., 3, 3]`` cryopose rotation matrices ``R``.
+        kx, ky : torch.Tensor
+            ``[P]`` in-plane frequencies in Fourier pixels of the N box.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[..., P]`` complex ``V(R (kx, ky, 0))``: the values of :meth:`sample_ri` at
+            those points (so :meth:`slices` where ``(kx, ky)`` are its grid points). On the
+            CPU with numba one fused pass per rotation (the points are never stored).
+        """
+        _check_rotations(rotations)
+        batch = rotations.shape[:-2]
+        rot = rotations.to(dtype=self.dtype, device=self.device).reshape(-1, 3, 3)
+        kx = kx.to(dtype=self.dtype, device=self.device).reshape(-1)
+        ky = ky.to(dtype=self.dtype, device=self.device).reshape(-1)
+        if self.device.type == "cpu" and numba_ready():
+            from cryopose.imaging._gather_numba import sample_slices
+
+            values, _ = self.half_values()
+            out = torch.empty(rot.shape[0], kx.shape[0], 2, dtype=self.dtype)
+            if out.numel():
+                m = self.padded_box
+                sample_slices(values.numpy(), float(m // 2 + 1), float(m / self.box),
+                              rot.contiguous().numpy(), kx.contiguous().numpy(),
+                              ky.contiguous().numpy(), out.numpy())
+            return torch.view_as_complex(out).reshape(*batch, kx.shape[0])
+        q = rot[:, None, :, 0] * kx[:, None] + rot[:, None, :, 1] * ky[:, None]
+        v = self._sample_block(q, gradient=False)
+        return torch.complex(v[0], v[1]).reshape(*batch, kx.shape[0])
+
     def _sample_numba(self, points: torch.Tensor) -> torch.Tensor:
         """:meth:`sample_ri` by the numba kernel on the Hermitian half table (CPU)."""
         from cryopose.imaging._gather_numba import sample_half
