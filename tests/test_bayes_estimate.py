@@ -141,3 +141,35 @@ def test_cli_estimate_and_bad_input(tmp_path):
     bad = runner.invoke(app, [*args[:3], str(tmp_path / "missing.mrc"), *args[4:]])
     assert bad.exit_code == 1 and "missing.mrc" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_ball_replacement_numba_and_torch_remove_the_same_grid_points(monkeypatch):
+    # the grid points within each active centre's radius lose their weight; the numba ball
+    # test (CPU) and the batched GEMM test agree
+    from cryopose.bayes.estimate import _Quadrature
+    from cryopose.so3.grids import healpix_grid
+    from cryopose.so3.random import random_rotations
+
+    grid = healpix_grid(1, dtype=torch.float64).matrices
+    b, k = 5, 3
+    centres = random_rotations(b * k, generator=4, dtype=torch.float64).reshape(b, k, 3, 3)
+    radius = torch.deg2rad(torch.tensor([[20.0, 35.0, 50.0]] * b, dtype=torch.float64))
+    active = torch.tensor([[True, True, False], [True, False, True], [False, False, False],
+                           [True, True, True], [False, True, True]])
+    new = centres[:, :, None].expand(b, k, 2, 3, 3).reshape(b, 2 * k, 3, 3)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CRYOPOSE_NUMBA", flag)
+        quad = _Quadrature(grid, torch.zeros(b, len(grid), 1, dtype=torch.float64),
+                           torch.zeros(b, len(grid), dtype=torch.float64),
+                           torch.zeros(b, len(grid), dtype=torch.float64))
+        quad.replace_ball(centres, radius, new, torch.zeros(b, 2 * k, 1, dtype=torch.float64),
+                          torch.zeros(b, 2 * k, dtype=torch.float64), active=active)
+        results.append(torch.isinf(quad.log_weights[:, : len(grid)]))
+    assert torch.equal(results[0], results[1])
+    # reference: geodesic distance to the active centres
+    dist = torch.arccos(((torch.einsum("bkij,gij->bkg", centres, grid) - 1) / 2).clamp(-1, 1))
+    inside = ((dist < radius[:, :, None]) & active[:, :, None]).any(1)
+    margin = ((dist - radius[:, :, None]).abs() > 1e-4).all(1)  # off the balls' edges
+    assert torch.equal(results[0][margin], inside[margin]) and int(inside.sum()) > 0
+    assert not bool(results[0][2].any())  # no active centre: nothing removed

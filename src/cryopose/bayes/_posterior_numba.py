@@ -106,3 +106,34 @@ def cone_rows(grid, extra, weights, r_map, r_est, cone_trace, scale, n_bins, con
             if _bin(t, scale, n_bins) <= crossing and t < best:
                 best = t
         lowest[i] = best
+
+
+@nb.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def ball_mask(grid_t, centres, cut, out):
+    """``out[b, g] = 1`` where grid point ``g`` (columns of ``grid_t [9, G]``) lies inside a
+    ball of row ``b``: ``<centres[b, k], R_g> > cut[b, k]`` for some ``k`` (``cut`` ``+inf``
+    for an inactive centre), else 0; ``centres [B, K, 9]``, ``out [B, G]`` uint8. One pass
+    per centre over contiguous columns (vectorised) instead of the ``[B, K, G]`` trace GEMM,
+    comparison and reductions."""
+    b_rows, k_centres = cut.shape
+    g_points = grid_t.shape[1]
+    for b in nb.prange(b_rows):
+        for g in range(g_points):
+            out[b, g] = 0
+        for k in range(k_centres):
+            c0 = centres[b, k, 0]
+            c1 = centres[b, k, 1]
+            c2 = centres[b, k, 2]
+            c3 = centres[b, k, 3]
+            c4 = centres[b, k, 4]
+            c5 = centres[b, k, 5]
+            c6 = centres[b, k, 6]
+            c7 = centres[b, k, 7]
+            c8 = centres[b, k, 8]
+            limit = cut[b, k]
+            for g in range(g_points):
+                s = (c0 * grid_t[0, g] + c1 * grid_t[1, g] + c2 * grid_t[2, g]
+                     + c3 * grid_t[3, g] + c4 * grid_t[4, g] + c5 * grid_t[5, g]
+                     + c6 * grid_t[6, g] + c7 * grid_t[7, g] + c8 * grid_t[8, g])
+                if s > limit:
+                    out[b, g] = 1

@@ -35,6 +35,7 @@ from cryopose.bayes.scoring import ReferenceScorer, shift_grid
 from cryopose.imaging.ctf import ctf_from_params
 from cryopose.io.errors import CryoposeInputError
 from cryopose.io.particles import ParticleImages, ParticleTable
+from cryopose.runtime import numba_ready
 from cryopose.so3.distances import geodesic_distance
 from cryopose.so3.grids import SO3Grid, healpix_grid, local_grid_offsets
 from cryopose.so3.symmetry import point_group
@@ -218,6 +219,7 @@ class _Quadrature:
         b = log_lik.shape[0]
         self.grid = grid  # [G, 3, 3] (G may be 0)
         self._grid32 = grid.reshape(-1, 9).float()  # for the ball tests
+        self._grid32_t: torch.Tensor | None = None  # [9, G] (numba ball test), on first use
         self.extra = grid.new_zeros(b, 0, 3, 3) if extra is None else extra  # [B, E, 3, 3]
         self.log_lik = log_lik  # [B, G + E, T]
         self.log_weights = log_weights  # [B, G + E] log Haar mass of each point's cell
@@ -265,11 +267,27 @@ class _Quadrature:
         # float64 ones; a trace off by 1e-6 only moves a point on the ball's very edge)
         cut = threshold.float() if isinstance(threshold, torch.Tensor) else threshold
         centres32 = flat_centres.reshape(b * k, 9).float()
-        grid_inside = (centres32 @ self._grid32.T).reshape(b, k, self._grid32.shape[0]) > (
-            cut.reshape(b, k, 1) if isinstance(cut, torch.Tensor) else cut)  # [B, K, G]
-        if active is not None:
-            grid_inside = grid_inside & active[:, :, None]
-        inside = grid_inside.any(dim=1)  # [B, G]
+        n_grid = self._grid32.shape[0]
+        if n_grid and centres32.device.type == "cpu" and numba_ready():
+            # one pass per particle (numba) instead of the [B, K, G] GEMM, test and reductions
+            from cryopose.bayes._posterior_numba import ball_mask
+
+            cut_bk = (cut.reshape(b, k) if isinstance(cut, torch.Tensor)
+                      else torch.full((b, k), float(cut)))
+            if active is not None:
+                cut_bk = torch.where(active, cut_bk, math.inf)
+            if self._grid32_t is None:
+                self._grid32_t = self._grid32.T.contiguous()
+            mask = torch.empty(b, n_grid, dtype=torch.uint8)
+            ball_mask(self._grid32_t.numpy(), centres32.reshape(b, k, 9).contiguous().numpy(),
+                      cut_bk.float().contiguous().numpy(), mask.numpy())
+            inside = mask.bool()
+        else:
+            grid_inside = (centres32 @ self._grid32.T).reshape(b, k, n_grid) > (
+                cut.reshape(b, k, 1) if isinstance(cut, torch.Tensor) else cut)  # [B, K, G]
+            if active is not None:
+                grid_inside = grid_inside & active[:, :, None]
+            inside = grid_inside.any(dim=1)  # [B, G]
         if self.extra.shape[1]:
             extra_each = torch.bmm(self.extra.reshape(b, -1, 9), centres_t) > threshold
             if active is not None:
