@@ -1,6 +1,7 @@
-"""Numba kernels for the uncertainty of dense posterior rows (:mod:`cryopose.bayes.posterior`;
-imported on first use, compiled once and cached on disk). One row per thread, fixed order:
-results do not depend on the thread count."""
+"""Numba kernels over whole posterior rows: the uncertainty of dense rows
+(:mod:`cryopose.bayes.posterior`) and the ball test of the refined quadrature
+(:mod:`cryopose.bayes.estimate`). Imported on first use, compiled once and cached on disk. One
+row per thread, fixed order: results do not depend on the thread count."""
 
 import math
 
