@@ -173,3 +173,11 @@ def test_ball_replacement_numba_and_torch_remove_the_same_grid_points(monkeypatc
     margin = ((dist - radius[:, :, None]).abs() > 1e-4).all(1)  # off the balls' edges
     assert torch.equal(results[0][margin], inside[margin]) and int(inside.sum()) > 0
     assert not bool(results[0][2].any())  # no active centre: nothing removed
+
+
+def test_load_cpu_kernels_reports_whether_numba_runs(monkeypatch):
+    from cryopose.bayes.estimate import load_cpu_kernels
+
+    assert load_cpu_kernels() is True
+    monkeypatch.setenv("CRYOPOSE_NUMBA", "0")
+    assert load_cpu_kernels() is False

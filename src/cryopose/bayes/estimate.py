@@ -41,7 +41,9 @@ from cryopose.so3.grids import SO3Grid, healpix_grid, local_grid_offsets
 from cryopose.so3.symmetry import point_group
 from cryopose.volumes.transform import resample_volume
 
-__all__ = ["EstimateConfig", "EstimateResult", "estimate_poses", "OUTPUT_COLUMNS"]
+__all__ = [
+    "EstimateConfig", "EstimateResult", "estimate_poses", "OUTPUT_COLUMNS", "load_cpu_kernels",
+]
 
 #: Columns added to the output STAR file (besides angles and origins).
 OUTPUT_COLUMNS = {
@@ -505,6 +507,34 @@ def _significant_points(
     return (marginal >= marginal.amax(1, keepdim=True) + cut) | (
         joint >= joint.amax(1, keepdim=True) + cut
     )
+
+
+def load_cpu_kernels(dtype: torch.dtype = torch.float32) -> bool:
+    """Compile (first time on a machine, ~9 s) or load from numba's disk cache (~0.6 s) every
+    CPU kernel that :func:`estimate_poses` can use, for ``dtype``, on tiny inputs.
+
+    Otherwise each kernel is compiled or loaded the first time a batch needs it (a broad
+    posterior, a Laplace ball...), in the middle of the first run. Benchmarks call this before
+    timing. Returns False when numba is off (:func:`cryopose.runtime.numba_ready`).
+    """
+    if not numba_ready():
+        return False
+    from cryopose.bayes._posterior_numba import ball_mask
+
+    scorer = ReferenceScorer(torch.rand(8, 8, 8, dtype=dtype), 4.0, dtype=dtype)
+    scorer.projector.sample_ri(torch.zeros(1, 3, dtype=dtype))
+    scorer.projector.slice_values(torch.eye(3, dtype=dtype)[None], torch.zeros(1, dtype=dtype),
+                                  torch.zeros(1, dtype=dtype))
+    gauss_newton_poses(scorer, torch.rand(1, 8, 8, dtype=dtype), None, 1.0,
+                       torch.eye(3, dtype=dtype).expand(1, 1, 3, 3), bands=[math.inf])
+    grid = healpix_grid(0, dtype=dtype)
+    flat = torch.zeros(2, len(grid), dtype=dtype)
+    summarize_posterior(flat, grid)  # dense rows: the cone kernel
+    summarize_posterior(flat, grid, group="C2")  # dense rows with symmetry: credible rows
+    ball_mask(grid.matrices.reshape(-1, 9).T.contiguous().float().numpy(),
+              torch.zeros(1, 1, 9).numpy(), torch.zeros(1, 1).numpy(),
+              torch.empty(1, len(grid), dtype=torch.uint8).numpy())
+    return True
 
 
 def _grid_quadrature(
