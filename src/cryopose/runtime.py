@@ -20,6 +20,7 @@ projector's value gather) can run, and gives numba torch's thread count, so that
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 __all__ = ["configure_allocator", "numba_ready"]
@@ -82,8 +83,6 @@ def numba_ready() -> bool:
     The environment variable ``CRYOPOSE_NUMBA=0`` turns the numba kernels off (the batched torch
     code runs instead; both compute the same values to rounding).
     """
-    import os
-
     if os.environ.get("CRYOPOSE_NUMBA", "1") == "0":
         return False
     if "module" not in _NUMBA:

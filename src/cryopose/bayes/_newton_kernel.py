@@ -99,8 +99,7 @@ def gauss_newton_terms(
     if a and n_points:
         numba_ready()  # (thread count)
         m = projector.padded_box
-        c = (np.zeros((0, 0), dtype=torch.empty(0, dtype=dtype).numpy().dtype) if ctf is None
-             else _np(ctf, dtype))
+        c = np.zeros((0, 0), dtype=values.numpy().dtype) if ctf is None else _np(ctf, dtype)
         _kernel()(
             values.numpy(), float(m // 2 + 1), float(m / projector.box),
             _np(rotations, dtype), _np(data_r, dtype), _np(data_i, dtype),
