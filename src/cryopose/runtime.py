@@ -12,9 +12,9 @@ callers of the library may call it once (it changes the allocator of the whole p
 freed by large tensors stays with the process, up to the trim threshold, instead of going back
 to the system at once). It does nothing where the C library is not glibc.
 
-:func:`numba_ready` says whether the numba CPU kernels (the Gauss-Newton terms and the
-projector's value gather) can run, and gives numba torch's thread count, so that
-``torch.set_num_threads`` bounds both.
+:func:`numba_ready` says whether the numba CPU kernels (Gauss-Newton terms, the projector's
+gathers, the posterior-row and quadrature passes) can run, and gives numba torch's thread count,
+so that ``torch.set_num_threads`` bounds both.
 """
 
 from __future__ import annotations

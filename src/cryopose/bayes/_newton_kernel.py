@@ -30,23 +30,7 @@ import torch
 
 from cryopose.runtime import numba_ready
 
-__all__ = ["available", "gauss_newton_terms"]
-
-_KERNEL = None
-
-
-def available() -> bool:
-    """Whether the numba kernel can run (:func:`cryopose.runtime.numba_ready`)."""
-    return numba_ready()
-
-
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        from cryopose.bayes._newton_numba import terms
-
-        _KERNEL = terms
-    return _KERNEL
+__all__ = ["gauss_newton_terms"]
 
 
 def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -97,10 +81,12 @@ def gauss_newton_terms(
     g = np.zeros((a, 3), dtype=np.float64)
     h = np.zeros((a, 3, 3), dtype=np.float64)
     if a and n_points:
+        from cryopose.bayes._newton_numba import terms
+
         numba_ready()  # (thread count)
         m = projector.padded_box
         c = np.zeros((0, 0), dtype=values.numpy().dtype) if ctf is None else _np(ctf, dtype)
-        _kernel()(
+        terms(
             values.numpy(), float(m // 2 + 1), float(m / projector.box),
             _np(rotations, dtype), _np(data_r, dtype), _np(data_i, dtype),
             data_row.to(torch.int64).contiguous().numpy(), _np(weights, dtype), c,

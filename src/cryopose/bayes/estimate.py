@@ -538,22 +538,20 @@ def load_cpu_kernels(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def _grid_quadrature(
-    grid: SO3Grid, log_lik: torch.Tensor, log_prior_grid: torch.Tensor,
-    keep: torch.Tensor | None = None,
+    grid: SO3Grid, log_lik: torch.Tensor, log_prior_grid: torch.Tensor, keep: torch.Tensor
 ) -> _Quadrature:
     """The global grid as the starting quadrature of every particle.
 
-    When every particle keeps at most 1/8 of the grid (:func:`_significant_points`: sharp
-    posteriors), the kept points become per-particle points (a few hundred instead of 36,864
-    for every later pass); otherwise the grid stays shared (no per-particle copy).
+    When every particle keeps at most 1/8 of the grid (``keep`` ``[B, G]``, from
+    :func:`_significant_points`: sharp posteriors), the kept points become per-particle points
+    (a few hundred instead of 36,864 for every later pass); otherwise the grid stays shared
+    (no per-particle copy).
     """
     b, n_grid = log_lik.shape[:2]
     g = grid.matrices.to(torch.float64)
     log_w = torch.log(grid.weights.to(device=g.device, dtype=torch.float64))
     lp = log_prior_grid.to(device=g.device, dtype=torch.float64)
     lp_rows = lp.expand(b, -1) if lp.ndim == 1 else lp
-    if keep is None:
-        keep = _significant_points(grid, log_lik, log_prior_grid)
     n_keep = int(keep.sum(1).max())
     if 8 * n_keep > n_grid:
         # (expanded views: replace_ball builds new tensors, never writes into these)

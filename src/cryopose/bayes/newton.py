@@ -42,6 +42,7 @@ import torch
 
 from cryopose.bayes import _newton_kernel
 from cryopose.bayes.scoring import ReferenceScorer
+from cryopose.runtime import numba_ready
 from cryopose.so3.conversions import rotvec_to_matrix
 
 __all__ = ["NewtonResult", "gauss_newton_poses", "laplace_cubature", "band_schedule"]
@@ -206,7 +207,7 @@ def gauss_newton_poses(
     if backend not in ("auto", "numba", "torch"):
         raise ValueError(f"backend: expected 'auto', 'numba' or 'torch', got {backend!r}")
     use_numba = backend == "numba" or (
-        backend == "auto" and scorer.device.type == "cpu" and _newton_kernel.available()
+        backend == "auto" and scorer.device.type == "cpu" and numba_ready()
     )
     if use_numba and scorer.device.type != "cpu":
         raise ValueError(f"backend: 'numba' runs on the CPU, the scorer is on {scorer.device}")

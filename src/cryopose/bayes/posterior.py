@@ -897,30 +897,8 @@ def _summarize_chunk(
     # estimate are made on the fly by one numba pass per row (no [r, G] trace arrays)
     fused = (dense and group is None and device.type == "cpu"
              and (isinstance(flat, _GridPlusExtra) or flat.ndim == 2) and numba_ready())
-    if fused:
-        mean = _Rotations.weighted_sum(flat, w).reshape(r, 3, 3).to(torch.float64)
-        mean = mean / total64[:, None, None]
-        r_mmse = project_to_so3(mean)
-        grid9, extra9 = ((flat.grid, flat.extra) if isinstance(flat, _GridPlusExtra)
-                         else (flat, flat.new_zeros(r, 0, 9)))
-        map_inside = torch.empty(r, dtype=torch.float64)
-        lowest = torch.empty(r, dtype=torch.float64)
-        inside = torch.empty(r, dtype=torch.float64)
-        from cryopose.bayes._posterior_numba import cone_rows
-
-        cone_rows(grid9.contiguous().numpy(), extra9.contiguous().numpy(),
-                  w.contiguous().numpy(), r_map.reshape(r, 9).to(work).contiguous().numpy(),
-                  r_mmse.reshape(r, 9).to(work).contiguous().numpy(), cone_trace,
-                  _CHORD_SCALE, _RADIUS_BINS, _CONE_BIN, float(credible_mass),
-                  map_inside.numpy(), lowest.numpy(), inside.numpy())
-        radius = torch.rad2deg(_angle_from_trace(lowest))
-        expected_loss = (6.0 - 2.0 * (r_mmse * mean).sum(dim=(1, 2))).clamp_min(0.0)
-        candidates = _greedy_candidates(flat, log_joint, group, n_candidates,
-                                        separation_trace)
-        return _summary_dict(r_mle, r_map, r_mmse, shift_mle, shift_map, shift_mean,
-                             shift_rms, expected_loss, p_max, radius, inside, map_inside,
-                             total64, candidates, g_mle, g_map, log_evidence)
-    map_sig, copy_sig = traces_at(r_map)
+    if not fused:
+        map_sig, copy_sig = traces_at(r_map)
     if group is None:
         mean = _Rotations.weighted_sum(flat, w).reshape(r, 3, 3)
     else:
@@ -933,17 +911,29 @@ def _summarize_chunk(
         del copy_sig, parts
     mean = mean.to(torch.float64) / total64[:, None, None]
     r_mmse = project_to_so3(mean)
-    near_map = torch.where(map_sig >= cone_trace, w_sig, 0.0)
-    if dense:
-        map_inside = near_map.reshape(r, g).sum(dim=1)
-    else:
-        map_inside = torch.zeros(r, dtype=work, device=device)
-        map_inside.index_add_(0, sig_row, near_map)
-    del near_map
-    del map_sig
 
-    # Uncertainty about the MMSE estimate: expected loss, cone mass, credible radius.
-    est_sig, _ = traces_at(r_mmse.to(work))
+    # Uncertainty about the MMSE estimate: expected loss, cone masses, credible radius.
+    if fused:
+        from cryopose.bayes._posterior_numba import cone_rows
+
+        grid9, extra9 = ((flat.grid, flat.extra) if isinstance(flat, _GridPlusExtra)
+                         else (flat, flat.new_zeros(r, 0, 9)))
+        map_inside, lowest, inside = (torch.empty(r, dtype=torch.float64) for _ in range(3))
+        cone_rows(grid9.contiguous().numpy(), extra9.contiguous().numpy(),
+                  w.contiguous().numpy(), r_map.reshape(r, 9).to(work).contiguous().numpy(),
+                  r_mmse.reshape(r, 9).to(work).contiguous().numpy(), cone_trace,
+                  _CHORD_SCALE, _RADIUS_BINS, _CONE_BIN, float(credible_mass),
+                  map_inside.numpy(), lowest.numpy(), inside.numpy())
+        radius = torch.rad2deg(_angle_from_trace(lowest))
+    else:
+        near_map = torch.where(map_sig >= cone_trace, w_sig, 0.0)
+        if dense:
+            map_inside = near_map.reshape(r, g).sum(dim=1)
+        else:
+            map_inside = torch.zeros(r, dtype=work, device=device)
+            map_inside.index_add_(0, sig_row, near_map)
+        del near_map, map_sig
+        est_sig, _ = traces_at(r_mmse.to(work))
     if group is None:
         expected_loss = 6.0 - 2.0 * (r_mmse * mean).sum(dim=(1, 2))
     else:
@@ -951,20 +941,13 @@ def _summarize_chunk(
         weighted.index_add_(0, sig_row, w_sig * est_sig)
         expected_loss = 6.0 - 2.0 * weighted.to(torch.float64) / total64
     expected_loss = expected_loss.clamp_min(0.0)
-    radius, inside = _credible_radius_deg(
-        sig_row, est_sig, w_sig, r, credible_mass, dense_width=g if dense else None
-    )
+    if not fused:
+        radius, inside = _credible_radius_deg(
+            sig_row, est_sig, w_sig, r, credible_mass, dense_width=g if dense else None
+        )
 
     # Distinct top candidates (by posterior mass).
     candidates = _greedy_candidates(flat, log_joint, group, n_candidates, separation_trace)
-    return _summary_dict(r_mle, r_map, r_mmse, shift_mle, shift_map, shift_mean, shift_rms,
-                         expected_loss, p_max, radius, inside, map_inside, total64, candidates,
-                         g_mle, g_map, log_evidence)
-
-
-def _summary_dict(r_mle, r_map, r_mmse, shift_mle, shift_map, shift_mean, shift_rms,
-                  expected_loss, p_max, radius, inside, map_inside, total64, candidates, g_mle,
-                  g_map, log_evidence) -> dict[str, torch.Tensor]:
     return {
         "rotations_mle": r_mle,
         "rotations_map": r_map,
