@@ -134,15 +134,16 @@ def main() -> None:
 
     polar()
     executed = scorer.last_gemm_flops
-    tc, tn = scorer._template_cache[1], scorer._template_cache[2]
-    # cross and norm templates are real interleaved blocks [M+1, 2R, 2D] and [E, 2R, 2D]
-    # (one real GEMM per m)
-    m1, n_r, n_d = tc.shape[0], tc.shape[1] // 2, tc.shape[2] // 2
-    e = tn.shape[0]
+    plan = scorer._template_cache[1]
+    # nominal shapes: one real GEMM [B, 2R] @ [2R, 2D] per cross frequency m and per norm
+    # frequency e (templates as real (re, im) blocks, every ring)
+    m1, e, n_r, n_d = plan.m1, plan.n_e, plan.n_r, plan.n_d
     nb = sub.shape[0]
     pflops = 8 * nb * n_r * n_d * (m1 + e)
     l1 = torch.randn(m1, nb, 2 * n_r, device=dev)
     l2 = torch.randn(e, nb, 2 * n_r, device=dev)
+    tc = torch.randn(m1, 2 * n_r, 2 * n_d, device=dev)
+    tn = torch.randn(e, 2 * n_r, 2 * n_d, device=dev)
 
     def bmm() -> None:
         torch.bmm(l1, tc)

@@ -197,11 +197,9 @@ def test_polar_templates_vanish_beyond_each_ring_band() -> None:
     n = 32
     sc = ReferenceScorer(blob_volume(n, torch.float32), 4.0)
     grid = healpix_grid(1, dtype=torch.float32)
-    sc.score_grid(torch.zeros(1, n, n), None, 1.0, grid)
-    tcross = sc._template_cache[1]  # [M+1, 2R, 2D]
+    n_phi = sc._polar_n_phi(grid.n_inplane)
+    tcross, _ = sc._polar_templates(sc._grid_base(grid)[0], n_phi)  # [M+1, 2R, 2D]
     m1, n_r = tcross.shape[0], tcross.shape[1] // 2
-    n_p = grid.n_inplane
-    n_phi = n_p * max(1, math.ceil((2 * sc._m_max + 2) / n_p))
     band = (sc._ring_samples(n_phi) - 1) // 2
     assert band.shape == (n_r,) and bool((band[1:] >= band[:-1]).all())
     assert int(band[0]) < sc._m_max <= int(band[-1])  # inner rings are band-limited
@@ -212,8 +210,8 @@ def test_polar_templates_vanish_beyond_each_ring_band() -> None:
 
 
 def test_inplane_fft_with_an_odd_inplane_count_agrees_with_dense() -> None:
-    # 37 in-plane angles: the common angular sampling (111) is odd and the outer rings are
-    # clamped to it, so their templates sample the full ring instead of half of it (Friedel).
+    # 37 in-plane angles: the common angular sampling must be an even multiple of 37 (148, not
+    # 111: the image side samples half of each ring and mirrors it).
     from cryopose.so3.conversions import euler_to_matrix
     from cryopose.so3.grids import SO3Grid
 
@@ -228,8 +226,8 @@ def test_inplane_fft_with_an_odd_inplane_count_agrees_with_dense() -> None:
     grid = SO3Grid(matrices=euler_to_matrix(euler).float(), euler_deg=euler.float(),
                    weights=torch.full((euler.shape[0],), 1.0 / euler.shape[0]), order=1,
                    n_directions=base.n_directions, n_inplane=n_p)
-    n_phi = n_p * math.ceil((2 * sc._m_max + 2) / n_p)
-    assert n_phi % 2 == 1 and bool((sc._ring_samples(n_phi) == n_phi).any())
+    n_phi = sc._polar_n_phi(n_p)
+    assert n_phi == 148 and 2 * sc._m_max + 2 <= 111
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, len(grid), (4,), generator=g)
     y = irfft2_centred(sc.projector.slices(grid.matrices[idx]), n)

@@ -25,12 +25,15 @@ chunked over rotations and images.
 slice is ``X(r, phi) = T_d(r, phi + psi)`` in polar coordinates, ``T_d`` the ``psi = 0``
 slice. Both terms become circular correlations over ``phi``: FFT over ``phi`` of the image-side
 polar data ``a(r, phi)`` and of the templates, a complex GEMM over radii per angular frequency
-``m``, ``|m| <= M``, and an inverse FFT over ``m`` evaluated at the grid's ``psi``. Templates are
-sampled directly from the padded 3D transform at polar points; the image-side data
-``conj(Y) C`` and ``|C|^2`` are interpolated from their Cartesian DFT after zero padding by 2 and
-a bilinear gridding correction (like the projector); polar samples carry their exact annulus
-area ``(b^2 - a^2) / 2 * dphi`` so the polar sum approximates the Cartesian one. The constant
-``const_y`` is computed exactly on the Cartesian grid, so both paths share it.
+``m``, ``|m| <= M``, and an inverse DFT over ``m`` evaluated at the grid's ``psi``. Frequencies
+``m`` (and the norm term's ``2e``) that alias to the same in-plane bin ``m mod P`` share one
+GEMM with their radii side by side (:class:`_BinPlan`); the inverse DFT over the ``P`` bins is
+two small GEMMs that write the output in its final layout. Templates are sampled directly from
+the padded 3D transform at polar points; the image-side data ``conj(Y) C`` and ``|C|^2`` are
+read at half a turn of each ring from their 2x padded, gridding-corrected 2D transform
+(:class:`cryopose.imaging.PlaneSampler`; the other half is the conjugate); polar samples carry
+their exact annulus area ``(b^2 - a^2) / 2 * dphi`` so the polar sum approximates the Cartesian
+one. The constant ``const_y`` is computed exactly on the Cartesian grid, so both paths share it.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from cryopose.imaging.fft import fft2_centred, irfft2_centred, rfft2_centred
+from cryopose.imaging.fft import rfft2_centred
+from cryopose.imaging.plane import PlaneSampler
 from cryopose.imaging.projection import Projector
 from cryopose.so3.grids import SO3Grid
 
@@ -96,17 +99,81 @@ def _rz(psi_rad: torch.Tensor) -> torch.Tensor:
     return torch.stack([c, -s, z, s, c, z, z, z, o], dim=-1).reshape(*psi_rad.shape, 3, 3)
 
 
-def _interleave(block: torch.Tensor, values: torch.Tensor) -> None:
-    """Write complex ``values [M, R, D]`` into ``block [M, R, 2, 2D]`` (real) so that a real
+def _complex_blocks(block: torch.Tensor, values: torch.Tensor) -> None:
+    """Write complex ``values [M, R, D]`` into ``block [M, R, 2, 2, D]`` (real) so that a real
     GEMM with rows ``(r, re / im of the image coefficient)`` gives the complex products with
-    columns ``(d, re / im)``: ``(a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i +
+    columns ``(re / im, d)``: ``(a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i +
     a_i t_r)``."""
-    view = block.view(*block.shape[:3], -1, 2)
     tr, ti = values.real, values.imag
-    view[:, :, 0, :, 0] = tr
-    view[:, :, 0, :, 1] = ti
-    view[:, :, 1, :, 0] = -ti
-    view[:, :, 1, :, 1] = tr
+    block[:, :, 0, 0] = tr
+    block[:, :, 0, 1] = ti
+    block[:, :, 1, 0] = -ti
+    block[:, :, 1, 1] = tr
+
+
+def _dft_matrix(n_p: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``cos`` and ``-sin`` of ``2 pi p j / P``, ``[P, P]`` each: ``Re sum_p F_p exp(+2 pi i p
+    j / P) = Re(F) @ cos + Im(F) @ (-sin)`` (the real part of an unnormalised inverse DFT as
+    two GEMMs)."""
+    pj = torch.outer(torch.arange(n_p, dtype=torch.float64), torch.arange(n_p, dtype=torch.float64))
+    ang = (2 * math.pi / n_p) * torch.remainder(pj, n_p)
+    return (torch.cos(ang).to(device=device, dtype=dtype),
+            (-torch.sin(ang)).to(device=device, dtype=dtype))
+
+
+class _BinPlan:
+    """The in-plane GEMMs grouped by output bin.
+
+    Angular frequency ``m`` of the cross term and ``2e`` of the norm term land in in-plane
+    bin ``m mod P`` (``2e mod P``). Bin ``j`` is one GEMM: the image rows of all its
+    frequencies side by side (each from its first non-zero ring, see
+    :meth:`ReferenceScorer._ring_samples`) times the templates stacked to match, ``[BT, K_j]
+    @ [K_j, 2D]``; the bin is written once and ``K_j`` (several hundred) keeps the GEMM
+    compute-bound. Templates ``tcross [M+1, 2R, 2D]`` and ``tnorm [E, 2R, 2D]`` are real
+    blocks (:func:`_complex_blocks`); norm pieces follow the cross pieces, in increasing ``e``.
+    """
+
+    def __init__(self, tcross, tnorm, first_ring, n_p: int) -> None:
+        m1, n_r2, n_d2 = tcross.shape
+        self.m1, self.n_e, self.n_r, self.n_d = m1, tnorm.shape[0], n_r2 // 2, n_d2 // 2
+        self.blocks: list[torch.Tensor | None] = []
+        self.cross: list[list[tuple[int, int]]] = []
+        self.norm: list[list[tuple[int, int]]] = []
+        for j in range(n_p):
+            cross = [(m, 2 * int(first_ring[m])) for m in range(j, m1, n_p)]
+            norm = [(e, 2 * int(first_ring[e])) for e in range(self.n_e) if (2 * e) % n_p == j]
+            cross = [(m, r0) for m, r0 in cross if r0 < n_r2]
+            norm = [(e, r0) for e, r0 in norm if r0 < n_r2]
+            parts = [tcross[m, r0:] for m, r0 in cross] + [tnorm[e, r0:] for e, r0 in norm]
+            self.blocks.append(torch.cat(parts).contiguous() if parts else None)
+            self.cross.append(cross)
+            self.norm.append(norm)
+
+    def fill(self, bins, left, left_n) -> int:
+        """Write ``bins [P, BT, 2D]`` from image rows ``left [M+1, BT, 2R]`` and norm rows
+        ``left_n [E', B, 2R]`` (``E' <= E``: the norm pieces with ``e < E'``; ``BT = B T``,
+        the norm term is the same for every shift). Returns the GEMM flops executed."""
+        n_e, nb = left_n.shape[0], left_n.shape[1]
+        n_t = bins.shape[1] // nb
+        flops = 0
+        for j, block in enumerate(self.blocks):
+            pieces = [left[m, :, r0:] for m, r0 in self.cross[j]]
+            norm = [left_n[e, :, r0:] for e, r0 in self.norm[j] if e < n_e]
+            if n_t == 1:
+                pieces += norm
+            if not pieces:
+                bins[j].zero_()
+                continue
+            lhs = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+            k = lhs.shape[1]
+            torch.mm(lhs, block[:k], out=bins[j])
+            flops += 2 * lhs.shape[0] * k * block.shape[1]
+            if n_t > 1 and norm:
+                rhs = torch.cat(norm, dim=1) if len(norm) > 1 else norm[0]
+                term = rhs @ block[k : k + rhs.shape[1]]  # [B, 2D]
+                bins[j].view(nb, n_t, -1).add_(term[:, None])
+                flops += 2 * nb * rhs.shape[1] * block.shape[1]
+        return flops
 
 
 class ReferenceScorer:
@@ -200,6 +267,7 @@ class ReferenceScorer:
         self._ring_shell = torch.round(self._radii.double()).clamp(max=n // 2).long()
         self._m_max = int(math.ceil(math.pi * k_lim)) + 2
         self._template_cache: tuple | None = None
+        self._sampler_cache: tuple | None = None
 
     # ------------------------------------------------------------------ helpers
     def _chunk(self, per_item_bytes: float, cap: int) -> int:
@@ -351,8 +419,8 @@ class ReferenceScorer:
         Local refinement grids are products of viewing-direction offsets and in-plane
         offsets. The slice of ``R = W Rz(theta)`` is ``X_W(Rz(theta) k)``, so the in-plane
         offsets are applied to the image side instead: the image data ``conj(Y) C`` and
-        ``|C|^2`` are interpolated at ``Rz(-theta) k`` (2x zero padding, ``sinc^2`` gridding
-        correction, bilinear, as in the polar path) and the template ``X_W`` is projected once
+        ``|C|^2`` are interpolated at ``Rz(-theta) k`` (:class:`cryopose.imaging.PlaneSampler`,
+        as in the polar path) and the template ``X_W`` is projected once
         per direction. This costs one 3D slice per direction instead of one per rotation; the
         result approximates :meth:`score_rotations` to the accuracy of the 2D interpolation.
 
@@ -396,11 +464,12 @@ class ReferenceScorer:
         ry = (-sin * kx + cos * ky).to(self.dtype)
         wk = w[:, m]  # [B, K] (rotation invariant: depends on |k| and the half-plane mult)
         spec = torch.conj(y) * (c if c is not None else 1.0)
-        a = self._interp_polar(spec, rx, ry) * wk[:, None, :]  # [B, P, K]
+        sampler = PlaneSampler(self.box, rx, ry, device=self.device)
+        a = sampler.sample(sampler.table(spec)) * wk[:, None, :]  # [B, P, K]
         if c is None:
             q = (-0.5 * wk)[:, None, :].expand(b, n_p, -1)
         else:
-            csq = self._interp_polar((c**2).to(self.cdtype), rx, ry).real
+            csq = sampler.sample_real(sampler.table((c**2).to(self.cdtype)))
             q = -0.5 * wk[:, None, :] * csq  # [B, P, K]
         phase = self._shift_phase(shifts, rx, ry).reshape(n_t, n_p, -1)  # [T, P, K]
         at = a[:, :, None] * phase.transpose(0, 1)[None]  # [B, P, T, K]
@@ -418,6 +487,30 @@ class ReferenceScorer:
         return out + const[:, None, None, None]
 
     # ------------------------------------------------------------------ polar path
+    def _polar_n_phi(self, n_p: int) -> int:
+        """Common angular sampling of the polar rings: an even multiple of the in-plane count
+        ``n_p`` with at least ``2 M + 2`` angles (the ring's second half is ``-(first)``)."""
+        turns = max(1, math.ceil((2 * self._m_max + 2) / n_p))
+        return n_p * (turns + (n_p * turns) % 2)
+
+    def _grid_base(self, grid: SO3Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Viewing-direction rotations ``[D, 3, 3]`` of a grid with its in-plane angle removed,
+        and that first in-plane angle (radians; the same for every direction)."""
+        n_d, n_p = grid.n_directions, grid.n_inplane
+        mats = grid.matrices.to(device=self.device, dtype=torch.float64).reshape(n_d, n_p, 3, 3)
+        psi0 = torch.deg2rad(grid.euler_deg.to(device=self.device, dtype=torch.float64)
+                             .reshape(n_d, n_p, 3)[:, 0, 2])
+        return mats[:, 0] @ _rz(psi0).transpose(-1, -2), psi0[0]
+
+    def _polar_sampler(self, n_phi: int) -> PlaneSampler:
+        """Sampler of the image side at the first half turn of every ring (``n_phi`` even)."""
+        if self._sampler_cache is None or self._sampler_cache[0] != n_phi:
+            px, py = self._polar_points(n_phi)
+            half = n_phi // 2
+            self._sampler_cache = (n_phi, PlaneSampler(self.box, px[:, :half], py[:, :half],
+                                                       device=self.device))
+        return self._sampler_cache[1]
+
     def _polar_points(self, n_phi: int) -> tuple[torch.Tensor, torch.Tensor]:
         phi = torch.arange(n_phi, dtype=torch.float64, device=self.device) * (2 * math.pi / n_phi)
         r = self._radii.double()
@@ -429,28 +522,6 @@ class ReferenceScorer:
         """Central-slice values ``[..., K]`` at the template points of ``rotations``
         ``[..., 3, 3]`` (what ``projector.slices(rotations)[..., _tmask]`` holds)."""
         return self.projector.slice_values(rotations, self._kx, self._ky)
-
-    def _interp_polar(self, spec_half: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
-        """Interpolate Hermitian centred-rfft spectra ``[B, N, N//2+1]`` at polar points.
-
-        Zero-pads the real-space function to ``2N``, divides by the bilinear kernel's
-        ``sinc^2`` footprint and samples the padded DFT bilinearly.
-        """
-        n = self.box
-        mpad = 2 * n
-        real = irfft2_centred(spec_half, n)  # [B, N, N]
-        before = mpad // 2 - n // 2
-        real = F.pad(real, [before, mpad - n - before] * 2)
-        i = (torch.arange(mpad, dtype=self.dtype, device=self.device) - mpad // 2) / mpad
-        s2 = torch.sinc(i) ** 2
-        real = real / (s2[:, None] * s2[None, :])
-        ft = fft2_centred(real)  # [B, 2N, 2N]
-        ri = torch.view_as_real(ft).permute(0, 3, 1, 2)  # [B, 2, 2N, 2N]
-        gx = (px * 2 + mpad // 2) * (2.0 / (mpad - 1)) - 1.0
-        gy = (py * 2 + mpad // 2) * (2.0 / (mpad - 1)) - 1.0
-        grid = torch.stack([gx, gy], dim=-1)[None].expand(ri.shape[0], -1, -1, -1)
-        v = F.grid_sample(ri, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return torch.complex(v[:, 0], v[:, 1])  # [B, R, Phi]
 
     def score_grid(
         self,
@@ -491,105 +562,89 @@ class ReferenceScorer:
             raise ValueError("shifts_px: score_grid takes shared [T, 2] shifts")
         n_t = shifts.shape[0]
         n_d, n_p = grid.n_directions, grid.n_inplane
-        mats = grid.matrices.to(device=self.device, dtype=torch.float64).reshape(n_d, n_p, 3, 3)
-        psi0 = torch.deg2rad(grid.euler_deg.to(device=self.device, dtype=torch.float64)
-                             .reshape(n_d, n_p, 3)[:, 0, 2])
-        base = mats[:, 0] @ _rz(psi0).transpose(-1, -2)  # [D, 3, 3]
-        step = 2 * math.pi / n_p
-        phase = float(psi0[0]) / step  # in-plane offset in grid steps (same for all d)
-
+        base, psi0 = self._grid_base(grid)
+        phase = float(psi0) / (2 * math.pi / n_p)  # in-plane offset in grid steps (all d)
         m_max = self._m_max
-        n_phi = n_p * max(1, math.ceil((2 * m_max + 2) / n_p))
-        px, py = self._polar_points(n_phi)
-        n_r = px.shape[0]
+        n_phi = self._polar_n_phi(n_p)
+        sampler = self._polar_sampler(n_phi)
+        n_r = sampler.shape[0]
         dphi = 2 * math.pi / n_phi
-        # Template polar FTs over phi, m = 0..M: [M+1, R, D] (cross) and even m (norm).
         ms = torch.arange(m_max + 1, device=self.device)
         even = ms[::2]
+        # first ring carrying each angular frequency m (ring bands grow outwards)
+        ring_band = (self._ring_samples(n_phi) - 1) // 2  # largest |m| kept per ring
+        first_ring = torch.searchsorted(ring_band.cpu(), ms.cpu(), right=False)
         key = (id(grid.matrices), n_d, n_p, n_phi)
         if self._template_cache is not None and self._template_cache[0] == key:
-            tcross, tnorm = self._template_cache[1], self._template_cache[2]
+            plan = self._template_cache[1]
         else:
-            tcross, tnorm = self._polar_templates(base, m_max, even, n_phi)
-            self._template_cache = (key, tcross, tnorm, grid.matrices)
+            self._template_cache = None  # free the previous grid's blocks first
+            tcross, tnorm = self._polar_templates(base, n_phi)
+            plan = _BinPlan(tcross, tnorm, first_ring, n_p)
+            del tcross, tnorm
+            self._template_cache = (key, plan, grid.matrices)
         # Image side, polar, weights (area, 1/(N^2 sigma2(shell)) on the full plane).
         ring_w = (self._ring_area * dphi)[None, :]  # [1, R]
         s2inv = self._ring_inv_var(sigma2, b)  # [B, R]
         wr = s2inv * ring_w  # [B, R]
         spec = torch.conj(y) * (c if c is not None else 1.0)
         out = torch.empty(b, n_d, n_p, n_t, dtype=self.dtype, device=self.device)
-        shift_ph = self._shift_phase(shifts, px, py).reshape(n_t, n_r, n_phi)
-        per_image = n_r * n_phi * 8 * (3 + 2 * n_t) + (m_max + 1) * n_d * 8 * (n_t + 1) * 2
+        if bool((shifts == 0).all()):
+            shift_ph = None  # no phase factors to apply
+        else:
+            px, py = self._polar_points(n_phi)
+            shift_ph = self._shift_phase(shifts, px, py).reshape(n_t, n_r, n_phi)
+        elem, n = torch.finfo(self.dtype).bits // 8, self.box
+        per_image = elem * (
+            2 * (2 * n) * (n + 1) * 2 + (2 * n) ** 2  # padded image and its half transform
+            + n_r * n_phi * 2 * (1 + 2 * n_t)  # ring samples, shifted, angular FT
+            + (m_max + 1) * n_r * 2 * n_t  # GEMM rows
+            + n_p * 2 * n_d * (n_t + 1)  # bins and the output
+        )
         bc = self._chunk(per_image, b)
-        # first ring carrying each angular frequency m (ring bands grow outwards)
-        ring_band = (self._ring_samples(n_phi) - 1) // 2  # largest |m| kept per ring
-        first_ring = torch.searchsorted(ring_band.cpu(), ms.cpu(), right=False)
-        sub = max(1, n_p // max(1, math.ceil(n_p / 16)))  # m blocks of <= 16
         fold_phase = torch.exp(2j * math.pi * ms.double() * phase / n_p).to(self.cdtype)
         wm = torch.full((m_max + 1,), 2.0, dtype=torch.float64, device=self.device)
         wm[0] = 1.0
         coef = wm.to(self.cdtype) * fold_phase / n_phi
         real_dtype = self.dtype
+        cos_t, msin_t = _dft_matrix(n_p, real_dtype, self.device)
         self.last_gemm_flops = 0  # floating-point operations of the GEMMs below (benchmarks)
         for s in range(0, b, bc):
-            ap = self._interp_polar(spec[s : s + bc], px, py) * wr[s : s + bc, :, None]
-            at = ap[:, None] * shift_ph[None]  # [Bc, T, R, Phi]
+            ap = sampler.sample(sampler.table(spec[s : s + bc]), wr[s : s + bc], paired=True)
+            at = ap[:, None] if shift_ph is None else ap[:, None] * shift_ph[None]  # [Bc,T,R,Phi]
             af = torch.fft.ifft(at, dim=-1, norm="forward")[..., : m_max + 1]  # a_{-m}
             bt = at.shape[0] * n_t
             af = af.reshape(bt, n_r, m_max + 1).permute(2, 0, 1)  # [M+1, BT, R]
             af = af * coef[:, None, None]  # fold weights and in-plane phase, per m
-            # Real GEMM on interleaved (re, im) pairs: [M+1, BT, 2R] @ [M+1, 2R, 2D] gives the
-            # complex products interleaved; frequencies m = j (mod P) accumulate in place
-            # (baddbmm), so the [M+1, BT, D] products are never stored.
-            left = torch.view_as_real(af).reshape(m_max + 1, bt, 2 * n_r)
-            # Ring r carries |m| < S_r / 2 only: blocks of m skip the inner rings (zero rows).
-            folded = torch.zeros(n_p, bt, 2 * n_d, dtype=real_dtype, device=self.device)
-            for m0 in range(0, m_max + 1, n_p):
-                rows = min(n_p, m_max + 1 - m0)
-                for a in range(0, rows, sub):
-                    lo, hi = m0 + a, m0 + min(a + sub, rows)
-                    r0 = 2 * int(first_ring[lo])
-                    if r0 < 2 * n_r:
-                        folded[a : a + hi - lo].baddbmm_(left[lo:hi, :, r0:], tcross[lo:hi, r0:])
-                        self.last_gemm_flops += 2 * (hi - lo) * bt * (2 * n_r - r0) * 2 * n_d
+            left = torch.view_as_real(af).reshape(m_max + 1, bt, 2 * n_r)  # rows (re, im) pairs
             if c is None:
                 # radial: only m = 0
                 qf = (wr[s : s + bc] * (-0.5 * n_phi)).to(self.cdtype)[None]  # [1, Bc, R]
-                n_e = 1
             else:
-                csq = c[s : s + bc] ** 2
-                qp = self._interp_polar(csq.to(self.cdtype), px, py).real
-                qp = qp * wr[s : s + bc, :, None] * (-0.5)
-                qf = torch.fft.ifft(qp.to(self.cdtype), dim=-1, norm="forward")[..., even]
-                # keep the even angular frequencies that carry the astigmatic CTF
-                mag = qf.abs().amax(dim=(0, 1))
-                keep = torch.nonzero(mag > 1e-7 * mag[0]).reshape(-1)
-                n_e = int(keep.max()) + 1 if keep.numel() else 1
-                qf = qf[..., :n_e].permute(2, 0, 1).contiguous()  # [E, Bc, R]
+                # |C|^2 is real and even: its ring values repeat after half a turn, so the
+                # first half gives the even angular frequencies (sum_j x_j e^{+2 pi i j m / Phi}
+                # over the turn = 2 conj(rfft(first half))[m / 2]).
+                table = sampler.table((c[s : s + bc] ** 2).to(self.cdtype))
+                qh = sampler.sample_real(table, wr[s : s + bc] * (-1.0))  # 2 x (-1/2)
+                qf = torch.fft.rfft(qh, dim=-1).conj()[..., : even.numel()]
+                qf = qf.permute(2, 0, 1)  # [E, Bc, R]
+            n_e = qf.shape[0]
             qf = qf * coef[even[:n_e], None, None]
-            # [E, Bc, D], even m = 2e = 0, 2, ...: real interleaved GEMMs as for the cross
-            # term; |X|^2 on ring r carries |m| <= 2 band_r, so row e starts at first_ring[e]
             nb = qf.shape[1]
             left_n = torch.view_as_real(qf).reshape(n_e, nb, 2 * n_r)
-            nm_ri = torch.zeros(n_e, nb, 2 * n_d, dtype=real_dtype, device=self.device)
-            for lo in range(0, n_e, sub):
-                hi = min(lo + sub, n_e)
-                r0 = 2 * int(first_ring[lo])
-                if r0 < 2 * n_r:
-                    nm_ri[lo:hi].baddbmm_(left_n[lo:hi, :, r0:], tnorm[lo:hi, r0:])
-                    self.last_gemm_flops += 2 * (hi - lo) * nb * (2 * n_r - r0) * 2 * n_d
-            nm = torch.view_as_complex(nm_ri.view(n_e, nb, n_d, 2))
-            # The norm term's frequencies 2e fold into the same P bins as the cross term's (for
-            # every shift), so one inverse FFT over the in-plane angle gives both:
-            # out[b, d, j, t] = Re ifft(cross bins + norm bins)[j, b * T + t, d]
-            folded_c = torch.view_as_complex(folded.reshape(n_p, nb, n_t, n_d, 2))
-            period = n_p // math.gcd(n_p, 2)  # norm rows before the bins repeat
-            for e0 in range(0, n_e, period):
-                block = nm[e0 : e0 + period]
-                bins = (torch.arange(e0, e0 + block.shape[0], device=self.device) * 2) % n_p
-                folded_c[bins] += block[:, :, None, :]
-            total = torch.fft.ifft(folded_c, dim=0, norm="forward").real  # [P, Bc, T, D]
-            out[s : s + bc] = total.permute(1, 3, 0, 2)
+            bins = torch.empty(n_p, bt, 2 * n_d, dtype=real_dtype, device=self.device)
+            self.last_gemm_flops += plan.fill(bins, left, left_n)
+            # out[b, d, j, t] = Re sum_p bins[p, b T + t] exp(+2 pi i p j / P): per particle,
+            # [D, P] (re) @ cos + [D, P] (im) @ (-sin), read in place (columns of bins)
+            parts = bins.view(n_p, bt, 2, n_d).permute(2, 1, 3, 0)  # [2, BT, D, P]
+            if n_t == 1:
+                total = out[s : s + bc].view(nb, n_d, n_p)
+                torch.bmm(parts[0], cos_t.expand(bt, -1, -1), out=total)
+            else:
+                total = torch.bmm(parts[0], cos_t.expand(bt, -1, -1))  # [BT, D, P]
+            total.baddbmm_(parts[1], msin_t.expand(bt, -1, -1))
+            if n_t > 1:
+                out[s : s + bc] = total.view(nb, n_t, n_d, n_p).permute(0, 2, 3, 1)
         out = out.reshape(b, n_d * n_p, n_t)
         return out.add_(const[:, None, None])
 
@@ -607,40 +662,40 @@ class ReferenceScorer:
         samples = 8 * torch.ceil((2.0 * m_ring + 2.0) / 8.0)
         return samples.clamp(max=n_phi).long()
 
-    def _polar_templates(self, base, m_max, even, n_phi):
+    def _polar_templates(self, base: torch.Tensor, n_phi: int) -> tuple[torch.Tensor, ...]:
         """Angular Fourier coefficients of the polar templates and of their squared moduli.
 
         Each ring is sampled at its own count ``S_r`` (:meth:`_ring_samples`), its angular
         spectrum kept for ``|m| < S_r / 2`` (the rest is zero) and resampled to the common
         ``n_phi`` angles by trigonometric interpolation for the squared moduli.
         """
-        n_d, n_r = base.shape[0], self._radii.numel()
+        n_d, n_r, m_max = base.shape[0], self._radii.numel(), self._m_max
+        even = torch.arange(0, m_max + 1, 2, device=self.device)
         samples = self._ring_samples(n_phi)
         groups = [(int(s), torch.nonzero(samples == s).reshape(-1)) for s in samples.unique()]
-        # cross templates as real interleaved blocks [M+1, R, 2, 2D] (viewed [M+1, 2R, 2D])
-        tcross = torch.empty(m_max + 1, n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
-        tnorm = torch.empty(even.numel(), n_r, 2, 2 * n_d, dtype=self.dtype, device=self.device)
+        # cross templates as real blocks [M+1, R, 2, 2, D] (viewed [M+1, 2R, 2D])
+        tcross = torch.empty(m_max + 1, n_r, 2, 2, n_d, dtype=self.dtype, device=self.device)
+        tnorm = torch.empty(even.numel(), n_r, 2, 2, n_d, dtype=self.dtype, device=self.device)
         dc = self._chunk(n_r * n_phi * 40, n_d)
         for s in range(0, n_d, dc):
             bs = base[s : s + dc].to(self.dtype)
             spec = torch.zeros(bs.shape[0], n_r, n_phi, dtype=self.cdtype, device=self.device)
             for count, rings in groups:
                 # Friedel: the point at phi + pi is -q and V(-q) = conj(V(q)) (real volume),
-                # so an even count samples half the ring
-                half = count // 2 if count % 2 == 0 else count
-                x, y = (c[rings, :half] for c in self._polar_points(count))
+                # so half the ring is sampled (counts are even)
+                x, y = (c[rings, : count // 2] for c in self._polar_points(count))
                 first = self.projector.slice_values(bs, x.reshape(-1), y.reshape(-1)).reshape(
-                    bs.shape[0], *x.shape)  # [Dc, Rg, S / 2] (S when odd)
-                tp = torch.cat([first, first.conj()], dim=-1) if count % 2 == 0 else first
+                    bs.shape[0], *x.shape)  # [Dc, Rg, S / 2]
+                tp = torch.cat([first, first.conj()], dim=-1)
                 f = torch.fft.fft(tp, dim=-1) * (n_phi / count)  # n_phi-point coefficients
                 keep = (count - 1) // 2  # |m| < S / 2
                 spec[:, rings, : keep + 1] = f[..., : keep + 1]
                 spec[:, rings, n_phi - keep :] = f[..., count - keep :]
             tf = spec[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
-            _interleave(tcross[:, :, :, 2 * s : 2 * (s + tf.shape[-1])], tf)
+            _complex_blocks(tcross[..., s : s + tf.shape[-1]], tf)
             tp = torch.fft.ifft(spec, dim=-1)  # [Dc, R, n_phi] band-limited templates
             nf = torch.fft.fft(tp.real**2 + tp.imag**2, dim=-1)[..., even]
-            _interleave(tnorm[:, :, :, 2 * s : 2 * (s + tf.shape[-1])], nf.permute(2, 1, 0))
+            _complex_blocks(tnorm[..., s : s + tf.shape[-1]], nf.permute(2, 1, 0))
         return (tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d),
                 tnorm.reshape(even.numel(), 2 * n_r, 2 * n_d))
 

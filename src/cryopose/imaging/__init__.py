@@ -30,6 +30,7 @@ from cryopose.imaging.noise import (
     signal_power,
     white_noise,
 )
+from cryopose.imaging.plane import PlaneSampler
 from cryopose.imaging.projection import Projector, backproject, backproject_slices, project
 from cryopose.imaging.shifts import (
     apply_origin,
@@ -40,6 +41,7 @@ from cryopose.imaging.shifts import (
 from cryopose.imaging.trilinear import trilinear_corners
 
 __all__ = [
+    "PlaneSampler",
     "Projector",
     "trilinear_corners",
     "project",
