@@ -108,6 +108,46 @@ def test_inplane_fft_agrees_with_dense(n: int) -> None:
     assert agree >= b - 1
 
 
+@pytest.mark.parametrize("n_inplane", [None, 37])
+def test_inplane_fft_with_shifts_and_ctf_agrees_with_dense(n_inplane) -> None:
+    # Several shifts: the norm term (shift-independent, CTF-weighted, conjugated into the
+    # half-spectrum bins when 2e mod P > P / 2) is added to every shift's bins.
+    from cryopose.so3.conversions import euler_to_matrix
+    from cryopose.so3.grids import SO3Grid
+
+    n, px = 32, 4.0
+    sc = ReferenceScorer(blob_volume(n, torch.float32), px)
+    grid = healpix_grid(1, dtype=torch.float32)
+    if n_inplane is not None:  # odd in-plane count: bins 0 .. P // 2, no Nyquist bin
+        dirs = grid.euler_deg.double().reshape(grid.n_directions, grid.n_inplane, 3)[:, 0]
+        euler = dirs[:, None].repeat(1, n_inplane, 1)
+        euler[..., 2] = torch.arange(n_inplane, dtype=torch.float64) * (360.0 / n_inplane)
+        euler = euler.reshape(-1, 3)
+        grid = SO3Grid(matrices=euler_to_matrix(euler).float(), euler_deg=euler.float(),
+                       weights=torch.full((euler.shape[0],), 1.0 / euler.shape[0]), order=1,
+                       n_directions=grid.n_directions, n_inplane=n_inplane)
+    g = torch.Generator().manual_seed(11)
+    b = 4
+    idx = torch.randint(0, len(grid), (b,), generator=g)
+    ctf = make_ctf(b, n, px, torch.float32)
+    y = irfft2_centred(sc.projector.slices(grid.matrices[idx]) * ctf, n)
+    y = torch.roll(y, (1, -1), dims=(-2, -1))
+    s2 = float(y.var())
+    y = y + torch.randn(y.shape, generator=g) * math.sqrt(s2) * 0.5
+    shifts = shift_grid(4.0, 4.0, px)  # 5 shifts of one pixel
+    dense = sc.score_grid(y, ctf, s2, grid, shifts, inplane_fft=False).double()
+    fast = sc.score_grid(y, ctf, s2, grid, shifts).double()
+    assert fast.shape == dense.shape == (b, len(grid), shifts.shape[0])
+    for i in range(b):
+        d, f = dense[i].reshape(-1), fast[i].reshape(-1)
+        err = float(((d - d.mean()) - (f - f.mean())).abs().max())
+        assert err < 0.08 * float(d.max() - d.min())
+        assert spearmanr(d.numpy(), f.numpy()).correlation > 0.97
+    best = fast.reshape(b, -1).argmax(dim=1)
+    assert torch.equal(best, dense.reshape(b, -1).argmax(dim=1))  # same rotation and shift
+    assert bool((best % shifts.shape[0] != 0).all())  # (the images are shifted)
+
+
 @pytest.mark.parametrize("inplane_fft", [False, True])
 def test_true_pose_has_max_loglik_on_noiseless_data(inplane_fft: bool) -> None:
     n, px = 32, 4.0

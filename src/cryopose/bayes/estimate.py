@@ -528,6 +528,8 @@ def load_cpu_kernels(dtype: torch.dtype = torch.float32) -> bool:
     gauss_newton_poses(scorer, torch.rand(1, 8, 8, dtype=dtype), None, 1.0,
                        torch.eye(3, dtype=dtype).expand(1, 1, 3, 3), bands=[math.inf])
     grid = healpix_grid(0, dtype=dtype)
+    ctf = torch.ones(1, 8, 5, dtype=dtype)
+    scorer.score_grid(torch.rand(1, 8, 8, dtype=dtype), ctf, 1.0, grid)  # image-side polar reads
     flat = torch.zeros(2, len(grid), dtype=dtype)
     summarize_posterior(flat, grid)  # dense rows: the cone kernel
     summarize_posterior(flat, grid, group="C2")  # dense rows with symmetry: credible rows
