@@ -33,6 +33,15 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def interleaved_best(*fns, repeats: int = 5) -> list[float]:
+    """Best time of each function, run in turn (the machine's speed drifts between runs)."""
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timed(fn)[0])
+    return best
+
+
 def best_of(fn, repeats: int = 2) -> float:
     return min(timed(fn)[0] for _ in range(repeats))
 
@@ -150,11 +159,7 @@ def main() -> None:
         torch.bmm(l2, tn)
         sync()
 
-    # interleaved, best of 5 each (the machine's speed drifts between runs)
-    t_polar = t_bmm = math.inf
-    for _ in range(5):
-        t_polar = min(t_polar, timed(polar)[0])
-        t_bmm = min(t_bmm, timed(bmm)[0])
+    t_polar, t_bmm = interleaved_best(polar, bmm)
     achieved, peak = executed / t_polar / 1e9, pflops / t_bmm / 1e9
     print(f"in-plane FFT kernel (whole score_grid, {nb} particles): {executed / 1e9:.1f} GFLOP "
           f"executed ({executed / pflops:.0%} of the nominal GEMM shapes) at {achieved:.1f} "
@@ -181,10 +186,7 @@ def main() -> None:
         torch.bmm(c2, tn)
         sync()
 
-    t_fill = t_bmmc = math.inf
-    for _ in range(5):
-        t_fill = min(t_fill, timed(fill)[0])
-        t_bmmc = min(t_bmmc, timed(bmm_chunk)[0])
+    t_fill, t_bmmc = interleaved_best(fill, bmm_chunk)
     got, ref_rate = fill_flops / t_fill / 1e9, 8 * chunk * n_r * n_d * (m1 + e) / t_bmmc / 1e9
     print(f"in-plane GEMMs alone ({chunk} particles, {fill_flops / 1e9:.1f} GFLOP): {got:.1f} "
           f"GFLOP/s = {got / ref_rate:.0%} of torch.bmm on the nominal shapes ({ref_rate:.1f} "

@@ -108,24 +108,29 @@ def test_inplane_fft_agrees_with_dense(n: int) -> None:
     assert agree >= b - 1
 
 
+def _with_inplane_count(grid, n_p: int):
+    """The grid's viewing directions with ``n_p`` equally spaced in-plane angles."""
+    from cryopose.so3.conversions import euler_to_matrix
+    from cryopose.so3.grids import SO3Grid
+
+    dirs = grid.euler_deg.double().reshape(grid.n_directions, grid.n_inplane, 3)[:, 0]
+    euler = dirs[:, None].repeat(1, n_p, 1)
+    euler[..., 2] = torch.arange(n_p, dtype=torch.float64) * (360.0 / n_p)
+    euler = euler.reshape(-1, 3)
+    return SO3Grid(matrices=euler_to_matrix(euler).float(), euler_deg=euler.float(),
+                   weights=torch.full((euler.shape[0],), 1.0 / euler.shape[0]), order=grid.order,
+                   n_directions=grid.n_directions, n_inplane=n_p)
+
+
 @pytest.mark.parametrize("n_inplane", [None, 37])
 def test_inplane_fft_with_shifts_and_ctf_agrees_with_dense(n_inplane) -> None:
     # Several shifts: the norm term (shift-independent, CTF-weighted, conjugated into the
     # half-spectrum bins when 2e mod P > P / 2) is added to every shift's bins.
-    from cryopose.so3.conversions import euler_to_matrix
-    from cryopose.so3.grids import SO3Grid
-
     n, px = 32, 4.0
     sc = ReferenceScorer(blob_volume(n, torch.float32), px)
     grid = healpix_grid(1, dtype=torch.float32)
     if n_inplane is not None:  # odd in-plane count: bins 0 .. P // 2, no Nyquist bin
-        dirs = grid.euler_deg.double().reshape(grid.n_directions, grid.n_inplane, 3)[:, 0]
-        euler = dirs[:, None].repeat(1, n_inplane, 1)
-        euler[..., 2] = torch.arange(n_inplane, dtype=torch.float64) * (360.0 / n_inplane)
-        euler = euler.reshape(-1, 3)
-        grid = SO3Grid(matrices=euler_to_matrix(euler).float(), euler_deg=euler.float(),
-                       weights=torch.full((euler.shape[0],), 1.0 / euler.shape[0]), order=1,
-                       n_directions=grid.n_directions, n_inplane=n_inplane)
+        grid = _with_inplane_count(grid, n_inplane)
     g = torch.Generator().manual_seed(11)
     b = 4
     idx = torch.randint(0, len(grid), (b,), generator=g)
@@ -252,20 +257,10 @@ def test_polar_templates_vanish_beyond_each_ring_band() -> None:
 def test_inplane_fft_with_an_odd_inplane_count_agrees_with_dense() -> None:
     # 37 in-plane angles: the common angular sampling must be an even multiple of 37 (148, not
     # 111: the image side samples half of each ring and mirrors it).
-    from cryopose.so3.conversions import euler_to_matrix
-    from cryopose.so3.grids import SO3Grid
-
     n, px = 32, 4.0
     sc = ReferenceScorer(blob_volume(n, torch.float32), px)
-    base = healpix_grid(1, dtype=torch.float64)
-    dirs = base.euler_deg.reshape(base.n_directions, base.n_inplane, 3)[:, 0]
     n_p = 37
-    euler = dirs[:, None].repeat(1, n_p, 1)
-    euler[..., 2] = torch.arange(n_p, dtype=torch.float64) * (360.0 / n_p)
-    euler = euler.reshape(-1, 3)
-    grid = SO3Grid(matrices=euler_to_matrix(euler).float(), euler_deg=euler.float(),
-                   weights=torch.full((euler.shape[0],), 1.0 / euler.shape[0]), order=1,
-                   n_directions=base.n_directions, n_inplane=n_p)
+    grid = _with_inplane_count(healpix_grid(1, dtype=torch.float32), n_p)
     n_phi = sc._polar_n_phi(n_p)
     assert n_phi == 148 and 2 * sc._m_max + 2 <= 111
     g = torch.Generator().manual_seed(3)
