@@ -56,56 +56,51 @@ def credible_rows(traces, weights, scale, n_bins, cone_bin, mass, lowest, inside
         lowest[i] = best
 
 
-@nb.njit(inline="always")
-def _dot9(a, i, b, j):
-    s = 0.0
-    for c in range(9):
-        s += a[i, c] * b[j, c]
-    return s
-
-
-@nb.njit(inline="always")
-def _dot9_extra(extra, i, e, b, j):
-    s = 0.0
-    for c in range(9):
-        s += extra[i, e, c] * b[j, c]
-    return s
-
-
-@nb.njit(parallel=True, cache=True)
-def cone_rows(grid, extra, weights, r_map, r_est, cone_trace, scale, n_bins, cone_bin, mass,
+@nb.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def cone_rows(grid_t, extra, weights, r_map, r_est, cone_trace, scale, n_bins, cone_bin, mass,
               map_inside, lowest, inside):
     """:func:`credible_rows` with the traces against the estimate ``r_est [r, 9]`` computed on
-    the fly from the points (``grid [G0, 9]`` shared, then ``extra [r, E, 9]`` per row), and
-    the weight within the cone ``tr >= cone_trace`` of ``r_map [r, 9]`` summed into
-    ``map_inside [r]`` (no ``[r, G]`` trace arrays)."""
+    the fly from the points (``grid_t [9, G0]`` shared, columns contiguous so the pass over
+    them vectorises, then ``extra [r, E, 9]`` per row), and the weight within the cone ``tr >=
+    cone_trace`` of ``r_map [r, 9]`` summed into ``map_inside [r]`` (no ``[r, G]`` trace
+    arrays: one row of traces and bins per thread)."""
     r, g = weights.shape
-    g0 = grid.shape[0]
+    g0 = grid_t.shape[1]
     for i in nb.prange(r):
-        hist = np.zeros(n_bins)
+        m0, m1, m2, m3, m4, m5, m6, m7, m8 = r_map[i]
+        e0, e1, e2, e3, e4, e5, e6, e7, e8 = r_est[i]
+        t_est = np.empty(g)
         near = 0.0
-        for j in range(g):
-            w = weights[i, j]
-            if j < g0:
-                t_map = _dot9(grid, j, r_map, i)
-                t_est = _dot9(grid, j, r_est, i)
-            else:
-                t_map = _dot9_extra(extra, i, j - g0, r_map, i)
-                t_est = _dot9_extra(extra, i, j - g0, r_est, i)
-            if t_map >= cone_trace:
-                near += w
-            hist[_bin(t_est, scale, n_bins)] += w
+        for j in range(g0):
+            x0, x1, x2 = grid_t[0, j], grid_t[1, j], grid_t[2, j]
+            x3, x4, x5 = grid_t[3, j], grid_t[4, j], grid_t[5, j]
+            x6, x7, x8 = grid_t[6, j], grid_t[7, j], grid_t[8, j]
+            t_map = (m0 * x0 + m1 * x1 + m2 * x2 + m3 * x3 + m4 * x4 + m5 * x5 + m6 * x6
+                     + m7 * x7 + m8 * x8)
+            t_est[j] = (e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3 + e4 * x4 + e5 * x5 + e6 * x6
+                        + e7 * x7 + e8 * x8)
+            near += weights[i, j] if t_map >= cone_trace else 0.0
+        for j in range(g0, g):
+            t_map = 0.0
+            t = 0.0
+            for c in range(9):
+                t_map += extra[i, j - g0, c] * r_map[i, c]
+                t += extra[i, j - g0, c] * r_est[i, c]
+            t_est[j] = t
+            near += weights[i, j] if t_map >= cone_trace else 0.0
         map_inside[i] = near
+        hist = np.zeros(n_bins)
+        bins = np.empty(g, dtype=np.int32)
+        for j in range(g):
+            k = _bin(t_est[j], scale, n_bins)
+            bins[j] = k
+            hist[k] += weights[i, j]
         crossing, fraction = _crossing(hist, mass, cone_bin)
         inside[i] = fraction
         best = math.inf
         for j in range(g):
-            if j < g0:
-                t = _dot9(grid, j, r_est, i)
-            else:
-                t = _dot9_extra(extra, i, j - g0, r_est, i)
-            if _bin(t, scale, n_bins) <= crossing and t < best:
-                best = t
+            if bins[j] <= crossing and t_est[j] < best:
+                best = t_est[j]
         lowest[i] = best
 
 

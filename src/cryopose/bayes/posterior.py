@@ -919,7 +919,7 @@ def _summarize_chunk(
         grid9, extra9 = ((flat.grid, flat.extra) if isinstance(flat, _GridPlusExtra)
                          else (flat, flat.new_zeros(r, 0, 9)))
         map_inside, lowest, inside = (torch.empty(r, dtype=torch.float64) for _ in range(3))
-        cone_rows(grid9.contiguous().numpy(), extra9.contiguous().numpy(),
+        cone_rows(grid9.T.contiguous().numpy(), extra9.contiguous().numpy(),
                   w.contiguous().numpy(), r_map.reshape(r, 9).to(work).contiguous().numpy(),
                   r_mmse.reshape(r, 9).to(work).contiguous().numpy(), cone_trace,
                   _CHORD_SCALE, _RADIUS_BINS, _CONE_BIN, float(credible_mass),
