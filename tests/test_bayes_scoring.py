@@ -122,26 +122,29 @@ def _with_inplane_count(grid, n_p: int):
                    n_directions=grid.n_directions, n_inplane=n_p)
 
 
-@pytest.mark.parametrize("n_inplane", [None, 37])
-def test_inplane_fft_with_shifts_and_ctf_agrees_with_dense(n_inplane) -> None:
+@pytest.mark.parametrize(("n_inplane", "dtype"), [(None, torch.float32), (37, torch.float32),
+                                                 (None, torch.float64)])
+def test_inplane_fft_with_shifts_and_ctf_agrees_with_dense(n_inplane, dtype) -> None:
     # Several shifts: the norm term (shift-independent, CTF-weighted, conjugated into the
     # half-spectrum bins when 2e mod P > P / 2) is added to every shift's bins.
     n, px = 32, 4.0
-    sc = ReferenceScorer(blob_volume(n, torch.float32), px)
+    sc = ReferenceScorer(blob_volume(n, dtype), px, dtype=dtype)
     grid = healpix_grid(1, dtype=torch.float32)
     if n_inplane is not None:  # odd in-plane count: bins 0 .. P // 2, no Nyquist bin
         grid = _with_inplane_count(grid, n_inplane)
     g = torch.Generator().manual_seed(11)
     b = 4
     idx = torch.randint(0, len(grid), (b,), generator=g)
-    ctf = make_ctf(b, n, px, torch.float32)
+    ctf = make_ctf(b, n, px, dtype)
     y = irfft2_centred(sc.projector.slices(grid.matrices[idx]) * ctf, n)
     y = torch.roll(y, (1, -1), dims=(-2, -1))
     s2 = float(y.var())
     y = y + torch.randn(y.shape, generator=g) * math.sqrt(s2) * 0.5
     shifts = shift_grid(4.0, 4.0, px)  # 5 shifts of one pixel
     dense = sc.score_grid(y, ctf, s2, grid, shifts, inplane_fft=False).double()
-    fast = sc.score_grid(y, ctf, s2, grid, shifts).double()
+    fast = sc.score_grid(y, ctf, s2, grid, shifts)
+    assert fast.dtype == dtype
+    fast = fast.double()
     assert fast.shape == dense.shape == (b, len(grid), shifts.shape[0])
     for i in range(b):
         d, f = dense[i].reshape(-1), fast[i].reshape(-1)
