@@ -114,3 +114,20 @@ def test_bad_input_is_rejected() -> None:
     table = sampler.table(torch.zeros(2, 16, 9, dtype=torch.complex128))
     with pytest.raises(ValueError, match="weight"):
         sampler.sample(table, torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_thread_count_does_not_change_the_samples() -> None:
+    # one image per thread, in a fixed order: bitwise the same with 1 and 2 threads
+    images = _blob_images(24, torch.float32, b=5)
+    kx, ky = _points(24)
+    sampler = PlaneSampler(24, kx.float(), ky.float())
+    table = sampler.table(rfft2_centred(images))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sampler.sample(table, paired=True), sampler.sample_real(table)
+        torch.set_num_threads(2)
+        two = sampler.sample(table, paired=True), sampler.sample_real(table)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
