@@ -496,17 +496,18 @@ def _significant_points(
     (At 1e-14, the cut :func:`summarize_posterior` makes, 41 % of the particles at SNR 0.1
     kept more than 1/8 of the order-3 grid, median 3,631 points; at 1e-10, 3 %, median 634.)
     """
-    b = log_lik.shape[0]
     log_w = torch.log(grid.weights.to(device=log_lik.device, dtype=torch.float64))
     lp = log_prior_grid.to(device=log_lik.device, dtype=torch.float64)
-    lp_rows = lp.expand(b, -1) if lp.ndim == 1 else lp
     ll3 = log_lik[..., None] if log_lik.ndim == 2 else log_lik
-    marginal = marginalize_shifts(ll3).double()  # (a constant -log T: the cut is relative)
-    joint = marginal + lp_rows + log_w
+    # (a constant -log T: the cut is relative; 23 nats, far above float32's resolution)
+    marginal = ll3[..., 0] if ll3.shape[-1] == 1 else marginalize_shifts(ll3)
     cut = math.log(1e-10)
-    return (marginal >= marginal.amax(1, keepdim=True) + cut) | (
-        joint >= joint.amax(1, keepdim=True) + cut
-    )
+    keep = marginal >= marginal.amax(1, keepdim=True) + cut
+    mass = lp + log_w  # [G] or [B, G]
+    if bool((mass.amax(-1) > mass.amin(-1)).any()):  # (a flat prior and weights add nothing)
+        joint = marginal.double() + mass
+        keep |= joint >= joint.amax(1, keepdim=True) + cut
+    return keep
 
 
 def load_cpu_kernels(dtype: torch.dtype = torch.float32) -> bool:
