@@ -183,6 +183,17 @@ def test_shift_search_recovers_integer_shift() -> None:
         assert shifts[t_idx].tolist() == [[-1.0, 2.0], [3.0, 0.0]]
 
 
+def test_repeated_zero_shifts_give_the_unshifted_scores() -> None:
+    n, px = 16, 4.0
+    sc = ReferenceScorer(blob_volume(n, torch.float32), px)
+    grid = healpix_grid(1, dtype=torch.float32)
+    y = torch.randn(3, n, n, generator=torch.Generator().manual_seed(1))
+    one = sc.score_grid(y, None, 1.0, grid)
+    two = sc.score_grid(y, None, 1.0, grid, torch.zeros(2, 2))
+    assert two.shape == (3, len(grid), 2)
+    torch.testing.assert_close(two, one.expand(-1, -1, 2), rtol=1e-5, atol=1e-2)
+
+
 def test_shift_grid_is_a_disk_with_zero_first() -> None:
     s = shift_grid(10.0, 2.5, 2.0)
     assert s[0].tolist() == [0.0, 0.0]

@@ -613,7 +613,7 @@ class ReferenceScorer:
         wr = s2inv * ring_w  # [B, R]
         spec = torch.conj(y) * (c if c is not None else 1.0)
         out = torch.empty(b, n_d, n_p, n_t, dtype=self.dtype, device=self.device)
-        if bool((shifts == 0).all()):
+        if n_t == 1 and bool((shifts == 0).all()):
             shift_ph = None  # no phase factors to apply
         else:
             px, py = self._polar_points(n_phi)
