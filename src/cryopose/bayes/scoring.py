@@ -721,7 +721,7 @@ class ReferenceScorer:
             tf = spec[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
             _complex_blocks(tcross[..., s : s + tf.shape[-1]], tf)
             tp = torch.fft.ifft(spec, dim=-1)  # [Dc, R, n_phi] band-limited templates
-            nf = torch.fft.fft(tp.real**2 + tp.imag**2, dim=-1)[..., even]
+            nf = torch.fft.rfft(tp.real**2 + tp.imag**2, dim=-1)[..., even]  # (real input)
             _complex_blocks(tnorm[..., s : s + tf.shape[-1]], nf.permute(2, 1, 0))
         return (tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d),
                 tnorm.reshape(even.numel(), 2 * n_r, 2 * n_d))
