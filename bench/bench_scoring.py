@@ -2,7 +2,8 @@
 
 Issue 4 goals, measured in one run on this machine:
   * the scoring kernel's achieved GFLOP/s as a fraction of torch.matmul on the same shapes
-    (goal >= 50%);
+    (goal >= 50%): the dense kernel (template projection included), the in-plane FFT kernel
+    as a whole (image-side interpolation and FFTs included) and its GEMMs alone;
   * wall time of scoring 2,000 particles of 64 px against the order-3 HEALPix grid (36,864
     rotations, no shift search) divided by the time of one dense float32 matmul
     (2000 x 4096) @ (4096 x 36864) (goal <= 2, and < 1 with the in-plane FFT).
