@@ -559,8 +559,13 @@ def _grid_quadrature(
     if 8 * n_keep > n_grid:
         # (expanded views: replace_ball builds new tensors, never writes into these)
         return _Quadrature(g, log_lik, log_w.expand(b, -1), lp_rows)
-    order = torch.topk(keep.to(torch.int8), n_keep, dim=1, sorted=True).indices  # kept first
-    kept = torch.gather(keep, 1, order)
+    # each row's kept points first, in grid order (padding: point 0 with weight zero)
+    at_row, at_point = torch.nonzero(keep, as_tuple=True)
+    slot = keep.cumsum(dim=1, dtype=torch.int32)[at_row, at_point].long() - 1
+    order = torch.zeros(b, n_keep, dtype=torch.long, device=keep.device)
+    kept = torch.zeros(b, n_keep, dtype=torch.bool, device=keep.device)
+    order[at_row, slot] = at_point
+    kept[at_row, slot] = True
     rows = torch.arange(b, device=g.device)[:, None]
     return _Quadrature(
         g.new_zeros(0, 3, 3),
