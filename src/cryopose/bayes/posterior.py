@@ -349,10 +349,14 @@ def top_candidates(
         stop = min(b, start + rows)
         lp = None if log_prior is None else (
             log_prior if log_prior.ndim == 1 else log_prior[start:stop])
-        # unnormalised log posterior (the ranking needs no normalisation)
-        log_p = marginalize_shifts(ll[start:stop]).to(torch.float64) + log_q
-        if lp is not None:
-            log_p += lp.to(torch.float64)
+        # unnormalised log posterior (the ranking needs no normalisation, and a term that is
+        # the same for every grid point changes no rank: a flat prior and equal weights are
+        # not added, and one shift is read in place)
+        part = ll[start:stop]
+        log_p = part[..., 0] if part.shape[-1] == 1 else marginalize_shifts(part)
+        mass = log_q if lp is None else log_q + lp.to(torch.float64)  # [G] or [r, G]
+        if bool((mass.amax(-1) > mass.amin(-1)).any()):
+            log_p = log_p.to(torch.float64) + mass
         finite = torch.isfinite(log_p.amax(dim=1))  # NaN, +inf or all -inf are not
         if not bool(finite.all()):
             bad = start + int(torch.nonzero(~finite)[0, 0])
