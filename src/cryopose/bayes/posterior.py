@@ -858,10 +858,17 @@ def _summarize_chunk(
     # most points matter the list is all of them and "gathering" is a reshape.
     keep = w > _NEGLIGIBLE_WEIGHT
     dense = 8 * int(keep.sum()) > r * g
-    if dense:
+    # dense rows without symmetry on the CPU: the traces against the MAP and the MMSE
+    # estimate are made on the fly by one numba pass per row (no [r, G] trace arrays, no
+    # pair lists)
+    fused = (dense and group is None and device.type == "cpu"
+             and (isinstance(flat, _GridPlusExtra) or flat.ndim == 2) and numba_ready())
+    linear = None
+    if fused:
+        sig_row = sig_col = None
+    elif dense:
         sig_row = torch.arange(r, device=device).repeat_interleave(g)
         sig_col = torch.arange(g, device=device).repeat(r)
-        linear = None
     else:
         linear = torch.nonzero(keep.reshape(-1))[:, 0]
         sig_row, sig_col = linear // g, linear % g
@@ -897,10 +904,6 @@ def _summarize_chunk(
     # Rotations: MLE, MAP and the posterior mean (symmetry copies aligned with the MAP).
     r_mle = _Rotations.gather(flat, g_mle).reshape(r, 3, 3)
     r_map = _Rotations.gather(flat, g_map).reshape(r, 3, 3)
-    # dense rows without symmetry on the CPU: the traces against the MAP and the MMSE
-    # estimate are made on the fly by one numba pass per row (no [r, G] trace arrays)
-    fused = (dense and group is None and device.type == "cpu"
-             and (isinstance(flat, _GridPlusExtra) or flat.ndim == 2) and numba_ready())
     if not fused:
         map_sig, copy_sig = traces_at(r_map)
     if group is None:
