@@ -217,7 +217,7 @@ def marginalize_shifts(
     Returns
     -------
     torch.Tensor
-        ``[B, G]`` in the input's dtype (computed in float64).
+        ``[B, G]`` in the input's dtype.
     """
     if log_likelihood.ndim != 3:
         raise ValueError(
@@ -228,11 +228,19 @@ def marginalize_shifts(
     if t == 1:  # one shift: nothing to sum (its normalised log-mass is 0)
         return log_likelihood[..., 0].clone()
     out = torch.empty(b, g, dtype=log_likelihood.dtype, device=log_likelihood.device)
+    # In the input's dtype: logsumexp subtracts the maximum first, so float32 values lose
+    # nothing that their own rounding had not (the output is in that dtype anyway); a uniform
+    # shift prior is one constant, subtracted after the sum.
+    uniform = log_shift_prior is None
     rows = max(1, _CHUNK_ELEMENTS // max(1, g * t))
     for start in range(0, b, rows):
         stop = min(b, start + rows)
-        x = log_likelihood[start:stop].to(torch.float64) + lsp[start:stop, None, :]
-        out[start:stop] = torch.logsumexp(x, dim=-1).to(out.dtype)
+        x = log_likelihood[start:stop]
+        if uniform:
+            out[start:stop] = torch.logsumexp(x, dim=-1).sub_(math.log(t))
+        else:
+            x = x + lsp[start:stop, None, :].to(x.dtype)
+            out[start:stop] = torch.logsumexp(x, dim=-1)
     return out
 
 
