@@ -432,9 +432,12 @@ def estimate_poses(
             t0 = time.perf_counter()
             if refining:
                 # only the starts are needed from the global grid: its full summary would be
-                # discarded (the refined quadrature contains the grid and is summarised)
+                # discarded (the refined quadrature contains the grid and is summarised); the
+                # shifts are summed out once for the starts and the significant points
+                marginal = (log_lik[..., 0] if log_lik.shape[-1] == 1
+                            else marginalize_shifts(log_lik))
                 candidates = top_candidates(
-                    log_lik if candidate_scorer is None else candidate_scorer.score_grid(
+                    marginal if candidate_scorer is None else candidate_scorer.score_grid(
                         images, ctf, sigma2, grid, shifts),
                     grid,
                     log_prior=log_prior_grid,
@@ -466,6 +469,7 @@ def estimate_poses(
                     prior,
                     group_arg,
                     config,
+                    keep=_significant_points(grid, marginal, log_prior_grid),
                 )
                 timings["refine"] += time.perf_counter() - t0
             else:
