@@ -594,6 +594,7 @@ def _refine(
     group: torch.Tensor | None,
     config: EstimateConfig,
     keep: torch.Tensor | None = None,
+    split: bool = True,
 ) -> PoseEstimates:
     """Coarse-to-fine local refinement from the distinct top candidates (module docstring).
 
@@ -603,11 +604,13 @@ def _refine(
     36,864 points per particle), while apart the sharp particles keep a few hundred points
     each. At SNR 0.1 a few particles of every batch of 128 are broad. Each particle's result
     is the same either way (its quadrature holds the same significant points). ``keep``:
-    the significant points, when the caller has them.
+    the significant points, when the caller has them; ``split``: False for the groups
+    themselves.
     """
     b = images.shape[0]
     if keep is None:
         keep = _significant_points(grid, log_lik, log_prior_grid)
+    if split:
         sharp = 8 * keep.sum(1) <= keep.shape[1]
         if 0 < int(sharp.sum()) < b:
             s2 = torch.as_tensor(sigma2)
@@ -619,7 +622,7 @@ def _refine(
                     None if ctf is None else (ctf[rows] if ctf.shape[0] == b else ctf),
                     s2[rows] if per_image_s2 else s2, shifts, grid, log_lik[rows],
                     log_prior_grid if log_prior_grid.ndim == 1 else log_prior_grid[rows],
-                    candidates[rows], prior, group, config, keep=keep[rows],
+                    candidates[rows], prior, group, config, keep=keep[rows], split=False,
                 ))
                 order.append(rows)
             return PoseEstimates.concatenate(parts).take(torch.argsort(torch.cat(order)))
