@@ -163,7 +163,7 @@ class _BinPlan:
             if r0 < n_r2:
                 j, block = piece(tnorm[e, r0:], (2 * e) % n_p)
                 norm[j].append((e, r0))
-                parts[j].append(block)  # after every cross piece of bin j (m1 > n_e)
+                parts[j].append(block)  # (after every cross piece of bin j)
         self.cross, self.norm = cross, norm
         # (cross pieces first, then norm pieces in increasing e: the order fill() stacks rows).
         # Stored transposed, [2D, K_p]: OpenBLAS runs [BT, K] @ [2D, K]^T at 150-160 GFLOP/s
@@ -171,9 +171,10 @@ class _BinPlan:
         self.blocks = [torch.cat(pp).T.contiguous() if pp else None for pp in parts]
 
     def fill(self, bins, left, left_n) -> int:
-        """Write ``bins [P, BT, 2D]`` from image rows ``left [M+1, BT, 2R]`` and norm rows
-        ``left_n [E', B, 2R]`` (``E' <= E``: the norm pieces with ``e < E'``; ``BT = B T``,
-        the norm term is the same for every shift). Returns the GEMM flops executed."""
+        """Write ``bins [H, BT, 2D]`` (``H = P // 2 + 1``, columns re | im of ``H_p``) from
+        image rows ``left [M+1, BT, 2R]`` and norm rows ``left_n [E', B, 2R]`` (``E' <= E``:
+        the norm pieces with ``e < E'``; ``BT = B T``, the norm term is the same for every
+        shift). Returns the GEMM flops executed."""
         n_e, nb = left_n.shape[0], left_n.shape[1]
         n_t = bins.shape[1] // nb
         flops = 0
