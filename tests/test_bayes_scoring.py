@@ -257,12 +257,12 @@ def test_polar_templates_vanish_beyond_each_ring_band() -> None:
     sc = ReferenceScorer(blob_volume(n, torch.float32), 4.0)
     grid = healpix_grid(1, dtype=torch.float32)
     n_phi = sc._polar_n_phi(grid.n_inplane)
-    tcross, _ = sc._polar_templates(sc._grid_base(grid)[0], n_phi)  # [M+1, 2R, 2D]
-    m1, n_r = tcross.shape[0], tcross.shape[1] // 2
+    tcross, _ = sc._polar_templates(sc._grid_base(grid)[0], n_phi)  # [M+1, R, D] complex
+    m1, n_r = tcross.shape[0], tcross.shape[1]
     band = (sc._ring_samples(n_phi) - 1) // 2
     assert band.shape == (n_r,) and bool((band[1:] >= band[:-1]).all())
     assert int(band[0]) < sc._m_max <= int(band[-1])  # inner rings are band-limited
-    per_ring = tcross.reshape(m1, n_r, 2, -1).abs().amax(dim=(2, 3))  # [M+1, R]
+    per_ring = tcross.abs().amax(dim=2)  # [M+1, R]
     m = torch.arange(m1)[:, None]
     assert float(per_ring[m > band[None, :]].max()) == 0.0
     assert bool((per_ring[m <= band[None, :]] > 0).float().mean() > 0.99)

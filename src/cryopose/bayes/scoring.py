@@ -99,16 +99,19 @@ def _rz(psi_rad: torch.Tensor) -> torch.Tensor:
     return torch.stack([c, -s, z, s, c, z, z, z, o], dim=-1).reshape(*psi_rad.shape, 3, 3)
 
 
-def _complex_blocks(block: torch.Tensor, values: torch.Tensor) -> None:
-    """Write complex ``values [M, R, D]`` into ``block [M, R, 2, 2, D]`` (real) so that a real
-    GEMM with rows ``(r, re / im of the image coefficient)`` gives the complex products with
-    columns ``(re / im, d)``: ``(a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i) + i (a_r t_i +
-    a_i t_r)``."""
-    tr, ti = values.real, values.imag
-    block[:, :, 0, 0] = tr
-    block[:, :, 0, 1] = ti
-    block[:, :, 1, 0] = -ti
-    block[:, :, 1, 1] = tr
+def _complex_piece(block_t: torch.Tensor, values: torch.Tensor, sign: float) -> None:
+    """Write complex ``values [Rp, D]`` (``t``) into the transposed real block ``block_t [2D,
+    2Rp]`` so that a real GEMM with rows ``(r, re / im of the image coefficient a)`` gives the
+    products with columns ``(re / im, d)``: ``(a_r + i a_i)(t_r + i t_i) = (a_r t_r - a_i t_i)
+    + i (a_r t_i + a_i t_r)``; ``sign = -1`` negates the imaginary columns (the conjugate
+    product)."""
+    n_rows, n_d = values.shape
+    view = block_t.view(2, n_d, n_rows, 2)  # [re | im column, d, r, re | im row]
+    tr, ti = values.real.T, values.imag.T  # [D, Rp]
+    view[0, :, :, 0] = tr
+    view[0, :, :, 1] = -ti
+    view[1, :, :, 0] = sign * ti
+    view[1, :, :, 1] = sign * tr
 
 
 def _dft_matrix(n_p: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -140,35 +143,46 @@ class _BinPlan:
     """
 
     def __init__(self, tcross, tnorm, first_ring, n_p: int) -> None:
-        m1, n_r2, n_d2 = tcross.shape
-        self.m1, self.n_e, self.n_r, self.n_d = m1, tnorm.shape[0], n_r2 // 2, n_d2 // 2
+        m1, n_r, n_d = tcross.shape
+        self.m1, self.n_e, self.n_r, self.n_d = m1, tnorm.shape[0], n_r, n_d
         self.n_bins = n_p // 2 + 1
         cross: list[list[tuple[int, int]]] = [[] for _ in range(self.n_bins)]
         norm: list[list[tuple[int, int]]] = [[] for _ in range(self.n_bins)]
-        parts: list[list[torch.Tensor]] = [[] for _ in range(self.n_bins)]
+        parts: list[list[tuple[torch.Tensor, float]]] = [[] for _ in range(self.n_bins)]
 
-        def piece(block: torch.Tensor, p: int) -> tuple[int, torch.Tensor]:
-            if 2 * p <= n_p:
-                return p, block
-            return n_p - p, torch.cat([block[:, : self.n_d], -block[:, self.n_d :]], dim=1)
+        def place(values: torch.Tensor, p: int) -> tuple[int, tuple[torch.Tensor, float]]:
+            # frequencies in bin p > P / 2 enter bin P - p conjugated
+            return (p, (values, 1.0)) if 2 * p <= n_p else (n_p - p, (values, -1.0))
 
         for m in range(m1):
-            r0 = 2 * int(first_ring[m])
-            if r0 < n_r2:
-                j, block = piece(tcross[m, r0:], m % n_p)
-                cross[j].append((m, r0))
-                parts[j].append(block)
+            ring = int(first_ring[m])
+            if ring < n_r:
+                j, piece = place(tcross[m, ring:], m % n_p)
+                cross[j].append((m, 2 * ring))
+                parts[j].append(piece)
         for e in range(self.n_e):
-            r0 = 2 * int(first_ring[e])
-            if r0 < n_r2:
-                j, block = piece(tnorm[e, r0:], (2 * e) % n_p)
-                norm[j].append((e, r0))
-                parts[j].append(block)  # (after every cross piece of bin j)
+            ring = int(first_ring[e])
+            if ring < n_r:
+                j, piece = place(tnorm[e, ring:], (2 * e) % n_p)
+                norm[j].append((e, 2 * ring))
+                parts[j].append(piece)  # (after every cross piece of bin j)
         self.cross, self.norm = cross, norm
-        # (cross pieces first, then norm pieces in increasing e: the order fill() stacks rows).
-        # Stored transposed, [2D, K_p]: OpenBLAS runs [BT, K] @ [2D, K]^T at 150-160 GFLOP/s
-        # here against ~100 for a row-major [K, 2D] right operand (measured, 2 cores).
-        self.blocks = [torch.cat(pp).T.contiguous() if pp else None for pp in parts]
+        # Real blocks (cross pieces first, then norm pieces in increasing e: the order fill()
+        # stacks rows), stored transposed, [2D, K_p]: OpenBLAS runs [BT, K] @ [2D, K]^T at
+        # 150-160 GFLOP/s here against ~100 for a row-major [K, 2D] right operand (measured).
+        self.blocks: list[torch.Tensor | None] = []
+        real = tcross.real.dtype
+        for pieces in parts:
+            if not pieces:
+                self.blocks.append(None)
+                continue
+            block_t = torch.empty(2 * n_d, sum(2 * v.shape[0] for v, _ in pieces), dtype=real,
+                                  device=tcross.device)
+            at = 0
+            for values, sign in pieces:
+                _complex_piece(block_t[:, at : at + 2 * values.shape[0]], values, sign)
+                at += 2 * values.shape[0]
+            self.blocks.append(block_t)
 
     def fill(self, bins, left, left_n) -> int:
         """Write ``bins [H, BT, 2D]`` (``H = P // 2 + 1``, columns re | im of ``H_p``) from
@@ -691,7 +705,8 @@ class ReferenceScorer:
         return samples.clamp(max=n_phi).long()
 
     def _polar_templates(self, base: torch.Tensor, n_phi: int) -> tuple[torch.Tensor, ...]:
-        """Angular Fourier coefficients of the polar templates and of their squared moduli.
+        """Angular Fourier coefficients of the polar templates, ``[M+1, R, D]`` complex (``m =
+        0 .. M``), and of their squared moduli, ``[E, R, D]`` (even ``m = 0, 2, ...``).
 
         Each ring is sampled at its own count ``S_r`` (:meth:`_ring_samples`), its angular
         spectrum kept for ``|m| < S_r / 2`` (the rest is zero) and resampled to the common
@@ -701,9 +716,8 @@ class ReferenceScorer:
         even = torch.arange(0, m_max + 1, 2, device=self.device)
         samples = self._ring_samples(n_phi)
         groups = [(int(s), torch.nonzero(samples == s).reshape(-1)) for s in samples.unique()]
-        # cross templates as real blocks [M+1, R, 2, 2, D] (viewed [M+1, 2R, 2D])
-        tcross = torch.empty(m_max + 1, n_r, 2, 2, n_d, dtype=self.dtype, device=self.device)
-        tnorm = torch.empty(even.numel(), n_r, 2, 2, n_d, dtype=self.dtype, device=self.device)
+        tcross = torch.empty(m_max + 1, n_r, n_d, dtype=self.cdtype, device=self.device)
+        tnorm = torch.empty(even.numel(), n_r, n_d, dtype=self.cdtype, device=self.device)
         dc = self._chunk(n_r * n_phi * 40, n_d)
         for s in range(0, n_d, dc):
             bs = base[s : s + dc].to(self.dtype)
@@ -719,13 +733,11 @@ class ReferenceScorer:
                 keep = (count - 1) // 2  # |m| < S / 2
                 spec[:, rings, : keep + 1] = f[..., : keep + 1]
                 spec[:, rings, n_phi - keep :] = f[..., count - keep :]
-            tf = spec[..., : m_max + 1].permute(2, 1, 0)  # [M+1, R, Dc]
-            _complex_blocks(tcross[..., s : s + tf.shape[-1]], tf)
+            tcross[..., s : s + bs.shape[0]] = spec[..., : m_max + 1].permute(2, 1, 0)
             tp = torch.fft.ifft(spec, dim=-1)  # [Dc, R, n_phi] band-limited templates
             nf = torch.fft.rfft(tp.real**2 + tp.imag**2, dim=-1)[..., even]  # (real input)
-            _complex_blocks(tnorm[..., s : s + tf.shape[-1]], nf.permute(2, 1, 0))
-        return (tcross.reshape(m_max + 1, 2 * n_r, 2 * n_d),
-                tnorm.reshape(even.numel(), 2 * n_r, 2 * n_d))
+            tnorm[..., s : s + bs.shape[0]] = nf.permute(2, 1, 0)
+        return tcross, tnorm
 
     def _ring_inv_var(self, sigma2: torch.Tensor | float, b: int) -> torch.Tensor:
         n = self.box
