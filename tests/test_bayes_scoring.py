@@ -183,6 +183,22 @@ def test_shift_search_recovers_integer_shift() -> None:
         assert shifts[t_idx].tolist() == [[-1.0, 2.0], [3.0, 0.0]]
 
 
+def test_polar_path_without_numba_gives_the_same_scores(monkeypatch) -> None:
+    # CUDA runs the torch code of the image-side reads (grid_sample): same values to rounding
+    n, px = 24, 4.0
+    sc = ReferenceScorer(blob_volume(n, torch.float32), px)
+    grid = healpix_grid(1, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(3, n, n, generator=g)
+    ctf = make_ctf(3, n, px, torch.float32)
+    fast = sc.score_grid(y, ctf, 1.0, grid, shift_grid(4.0, 4.0, px))
+    monkeypatch.setenv("CRYOPOSE_NUMBA", "0")
+    slow = ReferenceScorer(blob_volume(n, torch.float32), px).score_grid(
+        y, ctf, 1.0, grid, shift_grid(4.0, 4.0, px))
+    spread = float(fast.amax() - fast.amin())
+    assert float((fast - slow).abs().max()) < 1e-5 * spread + 1e-3
+
+
 def test_repeated_zero_shifts_give_the_unshifted_scores() -> None:
     n, px = 16, 4.0
     sc = ReferenceScorer(blob_volume(n, torch.float32), px)
