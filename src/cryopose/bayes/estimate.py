@@ -434,8 +434,7 @@ def estimate_poses(
                 # only the starts are needed from the global grid: its full summary would be
                 # discarded (the refined quadrature contains the grid and is summarised); the
                 # shifts are summed out once for the starts and the significant points
-                marginal = (log_lik[..., 0] if log_lik.shape[-1] == 1
-                            else marginalize_shifts(log_lik))
+                marginal = marginalize_shifts(log_lik)
                 candidates = top_candidates(
                     marginal if candidate_scorer is None else candidate_scorer.score_grid(
                         images, ctf, sigma2, grid, shifts),
@@ -504,7 +503,7 @@ def _significant_points(
     lp = log_prior_grid.to(device=log_lik.device, dtype=torch.float64)
     ll3 = log_lik[..., None] if log_lik.ndim == 2 else log_lik
     # (a constant -log T: the cut is relative; 23 nats, far above float32's resolution)
-    marginal = ll3[..., 0] if ll3.shape[-1] == 1 else marginalize_shifts(ll3)
+    marginal = marginalize_shifts(ll3)
     cut = math.log(1e-10)
     keep = marginal >= marginal.amax(1, keepdim=True) + cut
     mass = lp + log_w  # [G] or [B, G]

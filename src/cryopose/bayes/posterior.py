@@ -217,7 +217,7 @@ def marginalize_shifts(
     Returns
     -------
     torch.Tensor
-        ``[B, G]`` in the input's dtype.
+        ``[B, G]`` in the input's dtype (for one shift, a view of the input).
     """
     if log_likelihood.ndim != 3:
         raise ValueError(
@@ -225,8 +225,8 @@ def marginalize_shifts(
         )
     b, g, t = log_likelihood.shape
     lsp = _log_shift_prior(log_shift_prior, b, t, log_likelihood.device)
-    if t == 1:  # one shift: nothing to sum (its normalised log-mass is 0)
-        return log_likelihood[..., 0].clone()
+    if t == 1:  # one shift: nothing to sum (its normalised log-mass is 0); a view
+        return log_likelihood[..., 0]
     out = torch.empty(b, g, dtype=log_likelihood.dtype, device=log_likelihood.device)
     # In the input's dtype: logsumexp subtracts the maximum first, so float32 values lose
     # nothing that their own rounding had not (the output is in that dtype anyway); a uniform
@@ -360,8 +360,7 @@ def top_candidates(
         # unnormalised log posterior (the ranking needs no normalisation, and a term that is
         # the same for every grid point changes no rank: a flat prior and equal weights are
         # not added, and one shift is read in place)
-        part = ll[start:stop]
-        log_p = part[..., 0] if part.shape[-1] == 1 else marginalize_shifts(part)
+        log_p = marginalize_shifts(ll[start:stop])
         mass = log_q if lp is None else log_q + lp.to(torch.float64)  # [G] or [r, G]
         if bool((mass.amax(-1) > mass.amin(-1)).any()):
             log_p = log_p.to(torch.float64) + mass

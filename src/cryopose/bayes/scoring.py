@@ -115,10 +115,11 @@ def _complex_piece(block_t: torch.Tensor, values: torch.Tensor, sign: float) -> 
 
 
 def _dft_matrix(n_p: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``cos`` and ``-sin`` of ``2 pi p j / P``, ``[P, P]`` each (rows ``p``): ``Re sum_p F_p
-    exp(+2 pi i p j / P) = Re(F) @ cos + Im(F) @ (-sin)`` (the real part of an unnormalised
-    inverse DFT as two GEMMs)."""
-    pj = torch.outer(torch.arange(n_p, dtype=torch.float64), torch.arange(n_p, dtype=torch.float64))
+    """``cos`` and ``-sin`` of ``2 pi p j / P`` for the half-spectrum bins, ``[P // 2 + 1, P]``
+    each (rows ``p``): ``Re sum_p H_p exp(+2 pi i p j / P) = Re(H) @ cos + Im(H) @ (-sin)``
+    (the real part of an unnormalised inverse DFT as two GEMMs)."""
+    pj = torch.outer(torch.arange(n_p // 2 + 1, dtype=torch.float64),
+                     torch.arange(n_p, dtype=torch.float64))
     ang = (2 * math.pi / n_p) * torch.remainder(pj, n_p)
     return (torch.cos(ang).to(device=device, dtype=dtype),
             (-torch.sin(ang)).to(device=device, dtype=dtype))
@@ -137,9 +138,9 @@ class _BinPlan:
     frequencies side by side (each from its first non-zero ring, see
     :meth:`ReferenceScorer._ring_samples`) times the templates stacked to match, ``[BT, K_p]
     @ [K_p, 2D]``: half the bins of ``F``, each written once, and ``K_p`` of several hundred
-    keeps the GEMM compute-bound. Templates ``tcross [M+1, 2R, 2D]`` and ``tnorm [E, 2R, 2D]``
-    are real blocks (:func:`_complex_blocks`); norm pieces follow the cross pieces, in
-    increasing ``e``.
+    keeps the GEMM compute-bound. Built from the complex templates ``tcross [M+1, R, D]`` and
+    ``tnorm [E, R, D]`` (:meth:`ReferenceScorer._polar_templates`) as real blocks
+    (:func:`_complex_piece`); norm pieces follow the cross pieces, in increasing ``e``.
     """
 
     def __init__(self, tcross, tnorm, first_ring, n_p: int) -> None:
@@ -610,15 +611,15 @@ class ReferenceScorer:
         dphi = 2 * math.pi / n_phi
         ms = torch.arange(m_max + 1, device=self.device)
         even = ms[::2]
-        # first ring carrying each angular frequency m (ring bands grow outwards)
-        ring_band = (self._ring_samples(n_phi) - 1) // 2  # largest |m| kept per ring
-        first_ring = torch.searchsorted(ring_band.cpu(), ms.cpu(), right=False)
         key = (id(grid.matrices), n_d, n_p, n_phi)
         if self._template_cache is not None and self._template_cache[0] == key:
             plan = self._template_cache[1]
         else:
             self._template_cache = None  # free the previous grid's blocks first
             tcross, tnorm = self._polar_templates(base, n_phi)
+            # first ring carrying each angular frequency m (ring bands grow outwards)
+            ring_band = (self._ring_samples(n_phi) - 1) // 2  # largest |m| kept per ring
+            first_ring = torch.searchsorted(ring_band.cpu(), ms.cpu(), right=False)
             plan = _BinPlan(tcross, tnorm, first_ring, n_p)
             del tcross, tnorm
             self._template_cache = (key, plan, grid.matrices)
@@ -646,7 +647,7 @@ class ReferenceScorer:
         wm[0] = 1.0
         coef = wm.to(self.cdtype) * fold_phase / n_phi
         real_dtype = self.dtype
-        cos_t, msin_t = (w[: n_p // 2 + 1] for w in _dft_matrix(n_p, real_dtype, self.device))
+        cos_t, msin_t = _dft_matrix(n_p, real_dtype, self.device)
         self.last_gemm_flops = 0  # floating-point operations of the GEMMs below (benchmarks)
         for s in range(0, b, bc):
             ap = sampler.sample(sampler.table(spec[s : s + bc]), wr[s : s + bc], paired=True)
