@@ -174,7 +174,7 @@ def main() -> None:
     chunk = min(nb, 250)
     left = torch.randn(m1, chunk, 2 * n_r, device=dev)
     left_n = torch.randn(e, chunk, 2 * n_r, device=dev)
-    bins = torch.empty(plan.n_bins, chunk, 2 * n_d, device=dev)
+    bins = torch.empty(chunk, plan.n_bins, 2 * n_d, device=dev)
     fill_flops = plan.fill(bins, left, left_n)
     c1, c2 = l1[:, :chunk], l2[:, :chunk]
 

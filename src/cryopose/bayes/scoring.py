@@ -114,15 +114,16 @@ def _complex_piece(block_t: torch.Tensor, values: torch.Tensor, sign: float) -> 
     view[1, :, :, 1] = sign * tr
 
 
-def _dft_matrix(n_p: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``cos`` and ``-sin`` of ``2 pi p j / P`` for the half-spectrum bins, ``[P // 2 + 1, P]``
-    each (rows ``p``): ``Re sum_p H_p exp(+2 pi i p j / P) = Re(H) @ cos + Im(H) @ (-sin)``
-    (the real part of an unnormalised inverse DFT as two GEMMs)."""
+def _dft_matrix(n_p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[2 (P // 2 + 1), P]``: rows ``2p`` and ``2p + 1`` are ``cos`` and ``-sin`` of ``2 pi p
+    j / P`` for the half-spectrum bins ``p``, so that ``Re sum_p H_p exp(+2 pi i p j / P) =
+    [Re H_0, Im H_0, Re H_1, ...] @ W`` (the real part of an unnormalised inverse DFT as one
+    GEMM over interleaved (re, im) rows)."""
     pj = torch.outer(torch.arange(n_p // 2 + 1, dtype=torch.float64),
                      torch.arange(n_p, dtype=torch.float64))
     ang = (2 * math.pi / n_p) * torch.remainder(pj, n_p)
-    return (torch.cos(ang).to(device=device, dtype=dtype),
-            (-torch.sin(ang)).to(device=device, dtype=dtype))
+    w = torch.stack([torch.cos(ang), -torch.sin(ang)], dim=1).reshape(-1, n_p)
+    return w.to(device=device, dtype=dtype)
 
 
 class _BinPlan:
@@ -186,12 +187,12 @@ class _BinPlan:
             self.blocks.append(block_t)
 
     def fill(self, bins, left, left_n) -> int:
-        """Write ``bins [H, BT, 2D]`` (``H = P // 2 + 1``, columns re | im of ``H_p``) from
+        """Write ``bins [BT, H, 2D]`` (``H = P // 2 + 1``, columns re | im of ``H_p``) from
         image rows ``left [M+1, BT, 2R]`` and norm rows ``left_n [E', B, 2R]`` (``E' <= E``:
         the norm pieces with ``e < E'``; ``BT = B T``, the norm term is the same for every
         shift). Returns the GEMM flops executed."""
         n_e, nb = left_n.shape[0], left_n.shape[1]
-        n_t = bins.shape[1] // nb
+        n_t = bins.shape[0] // nb
         flops = 0
         for j, block in enumerate(self.blocks):
             pieces = [left[m, :, r0:] for m, r0 in self.cross[j]]
@@ -199,16 +200,16 @@ class _BinPlan:
             if n_t == 1:
                 pieces += norm
             if not pieces:
-                bins[j].zero_()
+                bins[:, j].zero_()
                 continue
             lhs = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
             k = lhs.shape[1]
-            torch.mm(lhs, block[:, :k].T, out=bins[j])
+            torch.mm(lhs, block[:, :k].T, out=bins[:, j])  # (BLAS writes the strided rows)
             flops += 2 * lhs.shape[0] * k * block.shape[0]
             if n_t > 1 and norm:
                 rhs = torch.cat(norm, dim=1) if len(norm) > 1 else norm[0]
                 term = rhs @ block[:, k : k + rhs.shape[1]].T  # [B, 2D]
-                bins[j].view(nb, n_t, -1).add_(term[:, None])
+                bins[:, j].view(nb, n_t, -1).add_(term[:, None])
                 flops += 2 * nb * rhs.shape[1] * block.shape[0]
         return flops
 
@@ -647,7 +648,7 @@ class ReferenceScorer:
         wm[0] = 1.0
         coef = wm.to(self.cdtype) * fold_phase / n_phi
         real_dtype = self.dtype
-        cos_t, msin_t = _dft_matrix(n_p, real_dtype, self.device)
+        idft = _dft_matrix(n_p, real_dtype, self.device)  # [2H, P]
         self.last_gemm_flops = 0  # floating-point operations of the GEMMs below (benchmarks)
         for s in range(0, b, bc):
             ap = sampler.sample(sampler.table(spec[s : s + bc]), wr[s : s + bc], paired=True)
@@ -675,18 +676,15 @@ class ReferenceScorer:
                 qf.shape, dtype=qf.dtype, device=self.device))
             nb = qf.shape[1]
             left_n = torch.view_as_real(qf).reshape(n_e, nb, 2 * n_r)
-            bins = torch.empty(plan.n_bins, bt, 2 * n_d, dtype=real_dtype, device=self.device)
+            bins = torch.empty(bt, plan.n_bins, 2 * n_d, dtype=real_dtype, device=self.device)
             self.last_gemm_flops += plan.fill(bins, left, left_n)
-            # out[b, d, j, t] = Re sum_p bins[p, b T + t] exp(+2 pi i p j / P), p <= P / 2:
-            # per particle [D, H] (re) @ cos + [D, H] (im) @ (-sin), read in place
-            parts = bins.view(plan.n_bins, bt, 2, n_d).permute(2, 1, 3, 0)  # [2, BT, D, H]
+            # out[b, d, j, t] = Re sum_p bins[b T + t, p] exp(+2 pi i p j / P), p <= P / 2:
+            # per particle one GEMM [D, 2H] @ [2H, P], the bins read in place (rows (p, re|im))
+            parts = bins.view(bt, 2 * plan.n_bins, n_d).transpose(1, 2)  # [BT, D, 2H]
             if n_t == 1:
-                total = out[s : s + bc].view(nb, n_d, n_p)
-                torch.bmm(parts[0], cos_t.expand(bt, -1, -1), out=total)
+                torch.bmm(parts, idft.expand(bt, -1, -1), out=out[s : s + bc].view(nb, n_d, n_p))
             else:
-                total = torch.bmm(parts[0], cos_t.expand(bt, -1, -1))  # [BT, D, P]
-            total.baddbmm_(parts[1], msin_t.expand(bt, -1, -1))
-            if n_t > 1:
+                total = torch.bmm(parts, idft.expand(bt, -1, -1))  # [BT, D, P]
                 out[s : s + bc] = total.view(nb, n_t, n_d, n_p).permute(0, 2, 3, 1)
         out = out.reshape(b, n_d * n_p, n_t)
         return out.add_(const[:, None, None])
