@@ -120,11 +120,27 @@ class PlaneSampler:
         return torch.fft.rfft2(padded)
 
     def _numba_cells(self, dtype: torch.dtype) -> tuple:
+        """Flat (re, im) offsets of the cells' row-0 and row-1 corners in a flattened
+        ``[2N, N + 1]`` complex table (int32), and ``fx, fy, sign`` in ``dtype``."""
         if dtype not in self._cells:
-            np_cells = [t.cpu().numpy() for t in (self._row0, self._row1, self._col)]
-            np_cells += [t.to(dtype).cpu().numpy() for t in (self._fx, self._fy, self._sign)]
-            self._cells[dtype] = tuple(np_cells)
+            width = 2 * (self.box + 1)  # floats per table row
+            offsets = [(row * width + 2 * self._col).to(torch.int32).cpu().numpy()
+                       for row in (self._row0, self._row1)]
+            self._cells[dtype] = tuple(offsets) + tuple(
+                t.to(dtype).cpu().numpy() for t in (self._fx, self._fy, self._sign))
         return self._cells[dtype]
+
+    def _flat(self, table: torch.Tensor):
+        """``[B, 2N, N + 1]`` complex -> ``[B, 2N (N + 1) 2]`` real numpy view (numba reads it
+        at precomputed flat offsets: the callers check the shape first)."""
+        return torch.view_as_real(table.contiguous()).reshape(table.shape[0], -1).numpy()
+
+    def _check_table(self, table: torch.Tensor) -> None:
+        if table.ndim != 3 or table.shape[-2:] != (self.pad, self.box + 1) or (
+            not table.is_complex()
+        ):
+            raise ValueError(f"table: expected [B, {self.pad}, {self.box + 1}] complex (from "
+                             f"PlaneSampler.table), got {tuple(table.shape)} {table.dtype}")
 
     def _weight(self, weight: torch.Tensor | None, b: int, dtype: torch.dtype) -> torch.Tensor:
         r = self._col.shape[0]
@@ -169,6 +185,7 @@ class PlaneSampler:
         torch.Tensor
             ``[B, R, Q]`` complex, or ``[B, R, 2Q]`` with ``paired``.
         """
+        self._check_table(table)
         b = table.shape[0]
         real_dtype = table.real.dtype
         w = self._weight(weight, b, real_dtype)
@@ -177,8 +194,7 @@ class PlaneSampler:
             from cryopose.imaging._plane_numba import gather_complex
 
             out = torch.empty(b, r, 2 * q if paired else q, dtype=table.dtype)
-            gather_complex(torch.view_as_real(table.contiguous()).numpy(),
-                           *self._numba_cells(real_dtype), w.numpy(),
+            gather_complex(self._flat(table), *self._numba_cells(real_dtype), w.numpy(),
                            torch.view_as_real(out).numpy(), paired)
             return out
         v = self._grid_sample(table) * w[:, :, None]
@@ -186,6 +202,7 @@ class PlaneSampler:
 
     def sample_real(self, table: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Real parts ``[B, R, Q]`` of :meth:`sample` (equal at ``k`` and ``-k``)."""
+        self._check_table(table)
         b = table.shape[0]
         real_dtype = table.real.dtype
         w = self._weight(weight, b, real_dtype)
@@ -194,7 +211,6 @@ class PlaneSampler:
 
             cells = self._numba_cells(real_dtype)
             out = torch.empty(b, *self.shape, dtype=real_dtype)
-            gather_real(torch.view_as_real(table.contiguous()).numpy(), *cells[:5], w.numpy(),
-                        out.numpy())
+            gather_real(self._flat(table), *cells[:4], w.numpy(), out.numpy())
             return out
         return self._grid_sample(table).real * w[:, :, None]
