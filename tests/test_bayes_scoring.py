@@ -306,3 +306,49 @@ def test_inplane_fft_with_an_odd_inplane_count_agrees_with_dense() -> None:
         assert err < 0.08 * float(d.max() - d.min())
         assert spearmanr(d.numpy(), f.numpy()).correlation > 0.97
     assert torch.equal(fast.argmax(dim=1), idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_polar_norm_term_from_ctf_parameters(dtype) -> None:
+    # |C|^2 evaluated from the parameters at the polar points instead of interpolated from
+    # the CTF grid: the same scores to a small fraction of their range, the same argmax as the
+    # dense path; parameters that do not describe the CTF change them (they are used).
+    from cryopose.imaging import ctf_from_params
+
+    n, px, b = 32, 4.0, 4
+    sc = ReferenceScorer(blob_volume(n, dtype), px, dtype=dtype)
+    grid = healpix_grid(1, dtype=torch.float32)
+    g = torch.Generator().manual_seed(12)
+    du = 8000 + 6000 * torch.rand(b, generator=g, dtype=torch.float64)
+    params = {
+        "defocus_u_angstrom": du, "defocus_v_angstrom": du - 700,
+        "defocus_angle_deg": torch.full((b,), 25.0, dtype=torch.float64),
+        "voltage_kv": torch.full((b,), 300.0, dtype=torch.float64),
+        "spherical_aberration_mm": torch.full((b,), 2.7, dtype=torch.float64),
+        "amplitude_contrast": torch.full((b,), 0.1, dtype=torch.float64),
+        "phase_shift_deg": torch.zeros(b, dtype=torch.float64),
+        "bfactor_angstrom2": torch.full((b,), 40.0, dtype=torch.float64),
+        "scale": torch.full((b,), 0.8, dtype=torch.float64),
+        "pixel_size_angstrom": torch.full((b,), px, dtype=torch.float64),
+    }
+    ctf = ctf_from_params(params, n).to(dtype)
+    idx = torch.randint(0, len(grid), (b,), generator=g)
+    y = irfft2_centred(sc.projector.slices(grid.matrices[idx]) * ctf, n)
+    s2 = float(y.var())
+    y = y + torch.randn(y.shape, generator=g, dtype=dtype) * math.sqrt(s2) * 0.5
+    dense = sc.score_grid(y, ctf, s2, grid, inplane_fft=False).double()
+    table = sc.score_grid(y, ctf, s2, grid).double()
+    exact = sc.score_grid(y, ctf, s2, grid, ctf_params=params)
+    assert exact.dtype == dtype
+    exact = exact.double()
+    span = float(dense.max() - dense.min())
+    assert float((exact - table).abs().max()) < 0.01 * span
+    assert float((exact - dense).abs().max()) < 0.03 * span
+    assert torch.equal(exact.reshape(b, -1).argmax(1), dense.reshape(b, -1).argmax(1))
+    wrong = dict(params, defocus_u_angstrom=du + 3000, defocus_v_angstrom=du + 2300)
+    moved = sc.score_grid(y, ctf, s2, grid, ctf_params=wrong).double()
+    assert float((moved - exact).abs().max()) > 0.05 * span
+    with pytest.raises(ValueError, match="without ctf"):
+        sc.score_grid(y, None, s2, grid, ctf_params=params)
+    with pytest.raises(ValueError, match="one per image"):
+        sc.score_grid(y, ctf, s2, grid, ctf_params={k: v[:2] for k, v in params.items()})

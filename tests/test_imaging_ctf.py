@@ -165,3 +165,72 @@ def test_ctf_from_params_equals_ctf_2d_and_applies_scale():
     params["pixel_size_angstrom"] = torch.tensor([1.5, 2.0])
     with pytest.raises(ValueError, match="one pixel size"):
         ctf_from_params(params, 33)
+
+
+def _params(dtype=torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    b = 4
+    rand = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=g, dtype=torch.float64)  # noqa: E731
+    du = rand(8000, 20000)
+    params = {
+        "defocus_u_angstrom": du,
+        "defocus_v_angstrom": du - rand(0, 1500),
+        "defocus_angle_deg": rand(-180, 180),
+        "voltage_kv": torch.tensor([300.0, 200.0, 300.0, 120.0], dtype=torch.float64),
+        "spherical_aberration_mm": rand(0.01, 2.7),
+        "amplitude_contrast": rand(0.0, 0.2),
+        "phase_shift_deg": rand(0, 90),
+        "bfactor_angstrom2": rand(0, 80),
+        "scale": rand(0.5, 1.5),
+        "pixel_size_angstrom": torch.full((b,), 1.3, dtype=torch.float64),
+    }
+    return {k: v.to(dtype) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("box", [32, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ctf_at_frequencies_on_the_grid_equals_ctf_from_params(box, dtype):
+    from cryopose.imaging import ctf_at_frequencies, ctf_from_params
+    from cryopose.imaging.fft import frequency_grid_2d
+
+    params = _params(dtype)
+    ky, kx = frequency_grid_2d(box, 1.0, rfft=True, centred=True, dtype=torch.float64)
+    grid = ctf_from_params(params, box)
+    got = ctf_at_frequencies(params, kx * box, ky * box, box)
+    squared = ctf_at_frequencies(params, kx * box, ky * box, box, squared=True)
+    assert got.dtype == squared.dtype == dtype and got.shape == grid.shape
+    # float32: the phase reaches ~100 rad at Nyquist, so rounding of chi shows at ~1e-4
+    tol = 1e-10 if dtype == torch.float64 else 5e-4
+    assert float((got - grid).abs().max()) < tol
+    assert float((squared - grid**2).abs().max()) < tol
+
+
+def test_ctf_at_frequencies_rotates_with_the_defocus_angle():
+    # CTF(R_theta k; alpha + theta) = CTF(k; alpha): the astigmatism turns with the frame
+    from cryopose.imaging import ctf_at_frequencies
+
+    params = _params()
+    g = torch.Generator().manual_seed(5)
+    kx, ky = (torch.rand(2, 50, generator=g, dtype=torch.float64) - 0.5) * 30
+    theta = math.radians(37.0)
+    rx = math.cos(theta) * kx - math.sin(theta) * ky
+    ry = math.sin(theta) * kx + math.cos(theta) * ky
+    turned = dict(params, defocus_angle_deg=params["defocus_angle_deg"] + 37.0)
+    a = ctf_at_frequencies(params, kx, ky, 64)
+    b = ctf_at_frequencies(turned, rx, ry, 64)
+    assert float((a - b).abs().max()) < 1e-10
+    assert float((a - ctf_at_frequencies(params, rx, ry, 64)).abs().max()) > 1e-2  # (astigmatic)
+
+
+def test_ctf_at_frequencies_bad_input():
+    from cryopose.imaging import ctf_at_frequencies
+
+    params = _params()
+    with pytest.raises(ValueError, match="kx, ky"):
+        ctf_at_frequencies(params, torch.zeros(3), torch.zeros(4), 16)
+    with pytest.raises(ValueError, match="amplitude_contrast"):
+        ctf_at_frequencies(dict(params, amplitude_contrast=torch.ones(4)), torch.zeros(3),
+                           torch.zeros(3), 16)
+    with pytest.raises(ValueError, match="one pixel size"):
+        ctf_at_frequencies(dict(params, pixel_size_angstrom=torch.tensor([1.0, 1, 1, 2])),
+                           torch.zeros(3), torch.zeros(3), 16)

@@ -322,12 +322,13 @@ class _Quadrature:
 
 def _ctf_batch(
     ctf_params: dict[str, torch.Tensor] | None, rows: np.ndarray, box: int, device
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """The CTFs of ``rows`` and their parameters (on ``device``; None without CTF)."""
     if ctf_params is None:
-        return None
+        return None, None
     index = torch.from_numpy(rows)
-    batch = {k: v[index] for k, v in ctf_params.items()}
-    return ctf_from_params(batch, box, dtype=torch.float32, device=device)
+    batch = {k: v[index].to(device) for k, v in ctf_params.items()}
+    return ctf_from_params(batch, box, dtype=torch.float32, device=device), batch
 
 
 def _prepare_reference(volume: torch.Tensor, volume_pixel_size: float, box: int, px: float):
@@ -425,9 +426,9 @@ def estimate_poses(
         for b0 in range(0, n, config.batch_size):
             rows = rows_all[b0 : b0 + config.batch_size]
             images = reader.read(rows).to(device)
-            ctf = _ctf_batch(ctf_params, rows, box, device)
+            ctf, ctf_rows = _ctf_batch(ctf_params, rows, box, device)
             t0 = time.perf_counter()
-            log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
+            log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts, ctf_params=ctf_rows)
             timings["score"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if refining:
@@ -437,7 +438,7 @@ def estimate_poses(
                 marginal = marginalize_shifts(log_lik)
                 candidates = top_candidates(
                     marginal if candidate_scorer is None else candidate_scorer.score_grid(
-                        images, ctf, sigma2, grid, shifts),
+                        images, ctf, sigma2, grid, shifts, ctf_params=ctf_rows),
                     grid,
                     log_prior=log_prior_grid,
                     group=group_arg,
@@ -831,8 +832,8 @@ def _fit_empirical(prior, reader, table, ctf_params, scorer, grid, sigma2, shift
     for b0 in range(0, n, config.batch_size):
         rows = np.arange(b0, min(n, b0 + config.batch_size))
         images = reader.read(rows).to(scorer.device)
-        ctf = _ctf_batch(ctf_params, rows, int(table.box), scorer.device)
-        log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts)
+        ctf, ctf_rows = _ctf_batch(ctf_params, rows, int(table.box), scorer.device)
+        log_lik = scorer.score_grid(images, ctf, sigma2, grid, shifts, ctf_params=ctf_rows)
         batches.append(torch.logsumexp(log_lik, dim=-1).cpu())
     return prior.learn(torch.cat(batches), grid)
 

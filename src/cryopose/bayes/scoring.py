@@ -28,10 +28,12 @@ polar data ``a(r, phi)`` and of the templates, a complex GEMM over radii per ang
 ``m``, ``|m| <= M``, and an inverse DFT over ``m`` evaluated at the grid's ``psi``. Frequencies
 ``m`` (and the norm term's ``2e``) that alias to the same in-plane bin ``m mod P`` share one
 GEMM with their radii side by side (:class:`_BinPlan`); the inverse DFT over the ``P`` bins is
-two small GEMMs that write the output in its final layout. Templates are sampled directly from
-the padded 3D transform at polar points; the image-side data ``conj(Y) C`` and ``|C|^2`` are
-read at half a turn of each ring from their 2x padded, gridding-corrected 2D transform
-(:class:`cryopose.imaging.PlaneSampler`; the other half is the conjugate); polar samples carry
+one small GEMM per particle that writes the output in its final layout. Templates are sampled
+directly from the padded 3D transform at polar points; the image-side data ``conj(Y) C`` is
+read at half a turn of each ring from its 2x padded, gridding-corrected 2D transform
+(:class:`cryopose.imaging.PlaneSampler`; the other half is the conjugate), and so is ``|C|^2``
+unless the CTF parameters are given (then it is evaluated there exactly,
+:func:`cryopose.imaging.ctf_at_frequencies`); polar samples carry
 their exact annulus area ``(b^2 - a^2) / 2 * dphi`` so the polar sum approximates the Cartesian
 one. The constant ``const_y`` is computed exactly on the Cartesian grid, so both paths share it.
 """
@@ -39,9 +41,11 @@ one. The constant ``const_y`` is computed exactly on the Cartesian grid, so both
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
+from cryopose.imaging.ctf import ctf_at_frequencies
 from cryopose.imaging.fft import rfft2_centred
 from cryopose.imaging.plane import PlaneSampler
 from cryopose.imaging.projection import Projector
@@ -546,11 +550,15 @@ class ReferenceScorer:
     def _polar_sampler(self, n_phi: int) -> PlaneSampler:
         """Sampler of the image side at the first half turn of every ring (``n_phi`` even)."""
         if self._sampler_cache is None or self._sampler_cache[0] != n_phi:
-            px, py = self._polar_points(n_phi)
-            half = n_phi // 2
-            self._sampler_cache = (n_phi, PlaneSampler(self.box, px[:, :half], py[:, :half],
+            self._sampler_cache = (n_phi, PlaneSampler(self.box, *self._polar_half(n_phi),
                                                        device=self.device))
         return self._sampler_cache[1]
+
+    def _polar_half(self, n_phi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kx, ky`` ``[R, Phi / 2]`` (Fourier pixels): the first half turn of every ring,
+        the points :meth:`_polar_sampler` reads."""
+        px, py = self._polar_points(n_phi)
+        return px[:, : n_phi // 2], py[:, : n_phi // 2]
 
     def _polar_points(self, n_phi: int) -> tuple[torch.Tensor, torch.Tensor]:
         phi = torch.arange(n_phi, dtype=torch.float64, device=self.device) * (2 * math.pi / n_phi)
@@ -573,6 +581,7 @@ class ReferenceScorer:
         shifts_px: torch.Tensor | None = None,
         *,
         inplane_fft: bool | None = None,
+        ctf_params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Log-likelihoods for every rotation of a grid and every shift.
 
@@ -587,6 +596,12 @@ class ReferenceScorer:
         inplane_fft : bool, optional
             Use the polar in-plane FFT path (default: when the grid has more than one in-plane
             angle) or the dense path.
+        ctf_params : mapping of str to torch.Tensor, optional
+            The ``[B]`` parameters ``ctf`` was computed from (:func:`cryopose.imaging.
+            ctf_from_params`; the scorer's pixel size applies). The in-plane path then evaluates
+            ``|C|^2`` at its polar points from them (:func:`cryopose.imaging.
+            ctf_at_frequencies`) instead of interpolating ``ctf^2``: exact there and ~6x
+            cheaper. They must describe ``ctf``.
 
         Returns
         -------
@@ -601,6 +616,13 @@ class ReferenceScorer:
         shifts = self._shifts(shifts_px, b)
         if shifts.ndim != 2:
             raise ValueError("shifts_px: score_grid takes shared [T, 2] shifts")
+        if ctf_params is not None:
+            if c is None:
+                raise ValueError("ctf_params: given without ctf")
+            for k, v in ctf_params.items():
+                if torch.as_tensor(v).shape != (b,):
+                    raise ValueError(f"ctf_params[{k!r}]: expected [{b}] (one per image), got "
+                                     f"{tuple(torch.as_tensor(v).shape)}")
         n_t = shifts.shape[0]
         n_d, n_p = grid.n_directions, grid.n_inplane
         base, psi0 = self._grid_base(grid)
@@ -667,8 +689,16 @@ class ReferenceScorer:
                 # |C|^2 is real and even: its ring values repeat after half a turn, so the
                 # first half gives the even angular frequencies (sum_j x_j e^{+2 pi i j m / Phi}
                 # over the turn = 2 conj(rfft(first half))[m / 2]).
-                table = sampler.table((c[s : s + bc] ** 2).to(self.cdtype))
-                qh = sampler.sample_real(table, wr[s : s + bc] * (-1.0))  # 2 x (-1/2)
+                if ctf_params is None:
+                    table = sampler.table((c[s : s + bc] ** 2).to(self.cdtype))
+                    qh = sampler.sample_real(table, wr[s : s + bc] * (-1.0))  # 2 x (-1/2)
+                else:
+                    rows = {k: v[s : s + bc] for k, v in ctf_params.items()}
+                    qh = ctf_at_frequencies(
+                        rows, *self._polar_half(n_phi), self.box, squared=True,
+                        pixel_size_angstrom=self.pixel_size_angstrom, dtype=real_dtype,
+                        device=self.device)
+                    qh.mul_(wr[s : s + bc, :, None] * (-1.0))
                 qf = torch.fft.rfft(qh, dim=-1).conj()[..., : even.numel()]
                 qf = qf.permute(2, 0, 1)  # [E, Bc, R]
             n_e = qf.shape[0]

@@ -8,6 +8,7 @@ and float64. Conventions (array centres, rotation ``R = A.T``, RELION's CTF and 
 from cryopose.imaging.ctf import (
     apply_ctf,
     ctf_2d,
+    ctf_at_frequencies,
     ctf_from_params,
     electron_wavelength_angstrom,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "backproject_slices",
     "ctf_2d",
     "ctf_from_params",
+    "ctf_at_frequencies",
     "apply_ctf",
     "electron_wavelength_angstrom",
     "shift_images",

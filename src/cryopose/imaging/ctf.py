@@ -25,7 +25,8 @@ import torch
 from cryopose.imaging.fft import frequency_grid_2d, irfft2_centred, rfft2_centred
 
 __all__ = [
-    "ctf_from_params","electron_wavelength_angstrom", "ctf_2d", "apply_ctf"]
+    "ctf_from_params", "ctf_at_frequencies", "electron_wavelength_angstrom", "ctf_2d",
+    "apply_ctf"]
 
 _Number = float | torch.Tensor
 
@@ -203,12 +204,7 @@ def ctf_from_params(
         Output dtype and device (default: those of the parameters).
     """
     p = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in params.items()}
-    px = pixel_size_angstrom
-    if px is None:
-        sizes = p["pixel_size_angstrom"]
-        px = float(sizes.reshape(-1)[0])
-        if not bool(torch.all(sizes == px)):
-            raise ValueError("pixel_size_angstrom: expected one pixel size for the batch")
+    px = _batch_pixel_size(p, pixel_size_angstrom)
     ctf = ctf_2d(
         defocus_u_angstrom=p["defocus_u_angstrom"],
         defocus_v_angstrom=p["defocus_v_angstrom"],
@@ -224,3 +220,99 @@ def ctf_from_params(
         device=device,
     )
     return ctf * p["scale"][..., None, None]
+
+
+def _batch_pixel_size(p: Mapping[str, torch.Tensor], pixel_size_angstrom: float | None) -> float:
+    if pixel_size_angstrom is not None:
+        return pixel_size_angstrom
+    sizes = p["pixel_size_angstrom"]
+    px = float(sizes.reshape(-1)[0])
+    if not bool(torch.all(sizes == px)):
+        raise ValueError("pixel_size_angstrom: expected one pixel size for the batch")
+    return px
+
+
+def ctf_at_frequencies(
+    params: Mapping[str, torch.Tensor],
+    kx: torch.Tensor,
+    ky: torch.Tensor,
+    box: int,
+    *,
+    pixel_size_angstrom: float | None = None,
+    squared: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """RELION CTFs (or their squares) at off-grid frequencies, from per-particle parameters.
+
+    The same function as :func:`ctf_from_params` (module docstring), evaluated at any points:
+    ``chi`` is linear in ``(k^2, kx^2 - ky^2, 2 kx ky, k^4, 1)`` with per-particle
+    coefficients (``(U - V)/2 cos(2 (phi - alpha)) k^2 = (U - V)/2 [cos 2 alpha (kx^2 - ky^2) +
+    sin 2 alpha 2 kx ky]``), so all particles' phases are one ``[B, 5] @ [5, K]`` product.
+
+    Parameters
+    ----------
+    params : mapping of str to torch.Tensor
+        ``[B]`` tensors keyed as for :func:`ctf_from_params`.
+    kx, ky : torch.Tensor
+        Frequencies ``[*K]`` in Fourier pixels of a ``box``-pixel image (cycles per box: the
+        units of the DFT grid's indices, :func:`cryopose.imaging.rfft2_centred`).
+    box : int
+        Image side N in pixels (with the pixel size, the Fourier pixel ``1 / (N px)``).
+    pixel_size_angstrom : float, optional
+        Overrides ``params["pixel_size_angstrom"]`` (which must then be constant).
+    squared : bool
+        Return ``CTF^2``, computed as ``(1 - cos 2 chi) / 2`` times the squared envelope and
+        scale.
+    dtype, device
+        Output dtype and device (default: those of the parameters).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, *K]`` real.
+    """
+    p = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in params.items()}
+    px = _batch_pixel_size(p, pixel_size_angstrom)
+    if kx.shape != ky.shape:
+        raise ValueError(f"kx, ky: expected equal shapes, got {tuple(kx.shape)} and "
+                         f"{tuple(ky.shape)}")
+    u = p["defocus_u_angstrom"]
+    real = u.dtype
+    w = p["amplitude_contrast"]
+    if ((w < 0) | (w >= 1)).any():
+        raise ValueError("amplitude_contrast: expected values in [0, 1)")
+    if (p["voltage_kv"] <= 0).any():
+        raise ValueError("voltage_kv: expected > 0")
+    unit = 1.0 / (box * px)  # 1/Angstrom per Fourier pixel
+    fx = kx.to(device=u.device, dtype=torch.float64).reshape(-1) * unit
+    fy = ky.to(device=u.device, dtype=torch.float64).reshape(-1) * unit
+    k2 = fx * fx + fy * fy
+    features = torch.stack([k2, fx * fx - fy * fy, 2.0 * fx * fy, k2 * k2, torch.ones_like(k2)])
+    lam = electron_wavelength_angstrom(p["voltage_kv"].double())
+    mean = 0.5 * (u + p["defocus_v_angstrom"]).double()
+    half = 0.5 * (u - p["defocus_v_angstrom"]).double()
+    two_alpha = 2.0 * torch.deg2rad(p["defocus_angle_deg"].double())
+    coef = torch.stack([
+        -math.pi * lam * mean,
+        -math.pi * lam * half * torch.cos(two_alpha),
+        -math.pi * lam * half * torch.sin(two_alpha),
+        (math.pi / 2) * p["spherical_aberration_mm"].double() * 1e7 * lam**3,
+        -torch.deg2rad(p["phase_shift_deg"].double())
+        - torch.atan(w.double() / torch.sqrt(1 - w.double() ** 2)),
+    ], dim=-1)  # [B, 5]
+    chi = coef.to(real) @ features.to(real)  # [B, K]
+    bfactor, scale = p["bfactor_angstrom2"].to(real), p["scale"].to(real)
+    if squared:
+        out = torch.cos_(chi.mul_(2.0)).sub_(1.0).mul_(-0.5)
+        if bool((bfactor != 0).any()):
+            out.mul_(torch.exp(-0.5 * bfactor[:, None] * k2.to(real)))
+        if bool((scale != 1).any()):
+            out.mul_((scale * scale)[:, None])
+    else:
+        out = torch.sin_(chi).neg_()
+        if bool((bfactor != 0).any()):
+            out.mul_(torch.exp(-0.25 * bfactor[:, None] * k2.to(real)))
+        if bool((scale != 1).any()):
+            out.mul_(scale[:, None])
+    return out.reshape(*u.shape, *kx.shape)

@@ -676,14 +676,14 @@ def refine(
                     o = origins_px[rows].to(device=device, dtype=dtype)
                     ft = phase_shift_fourier(rfft2_centred(images), o[:, 0], o[:, 1], box)
                     centred = irfft2_centred(ft, box)
-                    ctf = None
+                    ctf = p = None
                     if ctf_params is not None:
                         p = {k: v[rows].to(device=device, dtype=dtype)
                              for k, v in ctf_params.items()}
                         ctf = ctf_from_params(
                             p, box, pixel_size_angstrom=px, dtype=dtype, device=device
                         )
-                    log_lik = scorer.score_grid(centred, ctf, sigma2, grid, shifts)
+                    log_lik = scorer.score_grid(centred, ctf, sigma2, grid, shifts, ctf_params=p)
                     est = summarize_posterior(
                         log_lik, grid, shifts, group=group_arg, n_candidates=1
                     )
