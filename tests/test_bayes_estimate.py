@@ -73,6 +73,36 @@ def test_pruned_and_shared_grid_quadratures_agree(tmp_path, monkeypatch, snr, re
                                    atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("shifts", [False, True])
+def test_a_constant_error_of_the_grid_scores_does_not_change_the_refined_posterior(
+    tmp_path, monkeypatch, shifts
+):
+    # The refined posterior mixes the global grid's values (in-plane FFT path) with exactly
+    # scored points; each image's grid values are first put on the exact scale (their offset
+    # at the refinement starts removed). So a constant added to one image's grid scores, the
+    # kind of error the polar path's ring quadrature makes, changes nothing; without that
+    # correction it moves each grid mode's mass by e^6 against the polished modes.
+    from cryopose.bayes.scoring import ReferenceScorer
+
+    table, volume = simulated(tmp_path, 0.05, 12, seed=5, max_shift_angstrom=6.0 * shifts)
+    config = EstimateConfig(grid_order=1, shift_range_angstrom=6.0 * shifts,
+                            shift_step_angstrom=6.0)
+    reference = estimate_poses(table, volume, PX, config).estimates
+    original = ReferenceScorer.score_grid
+
+    def offset_grid(self, images, *args, **kwargs):
+        out = original(self, images, *args, **kwargs)
+        return out + torch.linspace(-6.0, 6.0, images.shape[0], dtype=out.dtype)[:, None, None]
+
+    monkeypatch.setattr(ReferenceScorer, "score_grid", offset_grid)
+    moved = estimate_poses(table, volume, PX, config).estimates
+    assert float(reference.mass_outside_20deg.max()) > 0.01  # (multimodal posteriors here)
+    for name in ("rotations_mmse", "rotations_map", "expected_loss", "credible_radius_deg",
+                 "mass_outside_20deg", "max_probability"):
+        torch.testing.assert_close(getattr(moved, name), getattr(reference, name), rtol=1e-4,
+                                   atol=1e-4, msg=name)
+
+
 def test_output_table_keeps_columns_and_adds_uncertainty(tmp_path):
     table, volume = simulated(tmp_path, 1.0, 16, max_shift_angstrom=6.0)
     table.data["rlnMyOwnColumn"] = range(16)
