@@ -10,18 +10,23 @@ from cryopose.imaging import coloured_noise
 
 
 @pytest.mark.parametrize("n", [64, 63])
-def test_white_noise_gives_its_variance_in_every_shell(n: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("radius", [0.25, 0.45])
+def test_white_noise_gives_its_variance_in_every_shell(n: int, radius: float,
+                                                       dtype: torch.dtype) -> None:
+    # radius 0.45 of the box (estimate's default particle mask): the background is the
+    # corners, whose transform spans the lowest shells; the mean removal's dip there must be
+    # accounted for (it made shells 1-2 ~20 % low)
     g = torch.Generator().manual_seed(0)
     s = 1.7
     x = (torch.randn(300, n, n, generator=g, dtype=torch.float64) * s + 0.3).to(dtype)
     # a bright particle in the middle must not leak into the estimate
     i = torch.arange(n, dtype=torch.float64) - n // 2
     x = x + (50 * torch.exp(-(i[:, None] ** 2 + i[None, :] ** 2) / 20.0)).to(dtype)
-    col = estimate_noise_sigma2(x, n / 4)
-    white = estimate_noise_sigma2(x, n / 4, coloured=False)
+    col = estimate_noise_sigma2(x, radius * n)
+    white = estimate_noise_sigma2(x, radius * n, coloured=False)
     assert col.shape == white.shape == (n // 2 + 1,)
     assert col.dtype == dtype
-    torch.testing.assert_close(white, torch.full_like(white, s**2), rtol=0.01, atol=0)
+    torch.testing.assert_close(white, torch.full_like(white, s**2), rtol=0.02, atol=0)
     assert float((col / s**2 - 1).abs().max()) < 0.06
     assert float(col.mean() / s**2) == pytest.approx(1.0, abs=0.01)
 

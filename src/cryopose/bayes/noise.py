@@ -7,9 +7,10 @@ real-space pixel, per radial shell ``round(|k|)`` (Fourier pixels, ``0 .. N // 2
 
 Coloured estimate: each image's background (pixels farther than ``mask_radius_px`` from the
 centre, with a raised-cosine edge, per-image background mean removed) is Fourier transformed;
-``E |DFT(m n)|^2 = sum_x m(x)^2 * sigma2`` for white noise ``n``, so the shell average of
-``|DFT(m n)|^2`` divided by ``sum_x m(x)^2`` (the mask's area fraction times ``N^2``) is the
-per-pixel variance of each shell. The mask blurs the spectrum by its own transform (a few
+``E |DFT(m n)|^2 = sum_x m(x)^2 * sigma2`` for white noise ``n`` (less, near ``k = 0``, once
+the weighted mean is removed: the exact expectation is used), so the shell sum of
+``|DFT(m n)|^2`` divided by the shell sum of that expectation is the per-pixel variance of
+each shell. The mask blurs the spectrum by its own transform (a few
 Fourier pixels), so sharp spectral features are smoothed.
 """
 
@@ -85,10 +86,19 @@ def estimate_noise_sigma2(
         raise ValueError(
             f"mask_radius_px: {mask_radius_px} leaves too little background in a {n}-pixel box"
         )
-    mean = (x * m).sum(dim=(-2, -1), keepdim=True) / m.sum()
+    s1 = m.sum()
+    mean = (x * m).sum(dim=(-2, -1), keepdim=True) / s1
     ft = rfft2_centred((x - mean) * m)
-    power = (ft.real**2 + ft.imag**2).mean(dim=0) / msum  # [N, N//2+1]
-    # full-plane shell averages: columns 0 < kx < N/2 stand for two coefficients
+    power = (ft.real**2 + ft.imag**2).mean(dim=0)  # [N, N//2+1]
+    # Expected power of white noise of unit variance at each k after the mask and the
+    # weighted-mean removal: sum_x m^2 |e_k - M(k) / S1|^2 = S2 - 2 Re(conj(M) M2) / S1 +
+    # |M|^2 S2 / S1^2 (M, M2: transforms of m and m^2; S1, S2 their sums). It is zero at k = 0
+    # and below S2 near it, by about how much of the background the mask's transform spans;
+    # dividing by S2 alone underestimated the lowest shells (by 20 % at shell 1-2 for a
+    # particle mask of 0.9 of the box).
+    tm, tm2 = rfft2_centred(m), rfft2_centred(m * m)
+    expected = msum - 2.0 * (tm.conj() * tm2).real / s1 + (tm.real**2 + tm.imag**2) * msum / s1**2
+    # full-plane shell sums: columns 0 < kx < N/2 stand for two coefficients
     mult = torch.full_like(power, 2.0)
     mult[:, 0] = 1.0
     if n % 2 == 0:
@@ -98,8 +108,8 @@ def estimate_noise_sigma2(
     num = torch.zeros(n // 2 + 1, dtype=dtype, device=x.device)
     den = torch.zeros(n // 2 + 1, dtype=dtype, device=x.device)
     num.index_add_(0, shell, (power * mult).reshape(-1))
-    den.index_add_(0, shell, mult.reshape(-1))
-    # The mean removal takes out the DC power of shell 0: use shell 1's value there.
-    out = num / den
+    den.index_add_(0, shell, (expected * mult).reshape(-1))
+    # Shell 0 (k = 0 alone) carries no noise power after the mean removal: shell 1's value.
+    out = num / den.clamp(min=1e-12 * float(msum))
     out[0] = out[1] if n > 2 else out[0]
     return out
