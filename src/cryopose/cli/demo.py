@@ -14,7 +14,7 @@ from cryopose.cli._common import fail
 
 def demo(
     out_dir: Path = typer.Option(Path("demo-out"), "-o", "--out", help="Output folder."),
-    n: int = typer.Option(200, "--n", help="Particles per SNR."),
+    n: int = typer.Option(1000, "--n", help="Particles per SNR."),
     snrs: str = typer.Option("1,0.1,0.03,0.015", "--snrs", help="Comma-separated SNRs."),
     box: int = typer.Option(64, "--box", help="Box size in pixels."),
     pixel_size: float = typer.Option(5.0, "--pixel-size", help="Pixel size in Angstrom."),
