@@ -234,3 +234,8 @@ def test_ctf_at_frequencies_bad_input():
     with pytest.raises(ValueError, match="one pixel size"):
         ctf_at_frequencies(dict(params, pixel_size_angstrom=torch.tensor([1.0, 1, 1, 2])),
                            torch.zeros(3), torch.zeros(3), 16)
+    partial = {k: v for k, v in params.items() if k not in ("scale", "pixel_size_angstrom")}
+    with pytest.raises(ValueError, match="missing scale, pixel_size_angstrom"):
+        ctf_at_frequencies(partial, torch.zeros(3), torch.zeros(3), 16)
+    assert ctf_at_frequencies(dict(partial, scale=params["scale"]), torch.zeros(3),
+                              torch.zeros(3), 16, pixel_size_angstrom=1.3).shape == (4, 3)

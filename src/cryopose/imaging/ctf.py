@@ -203,6 +203,7 @@ def ctf_from_params(
     dtype, device
         Output dtype and device (default: those of the parameters).
     """
+    _check_keys(params, pixel_size_angstrom)
     p = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in params.items()}
     px = _batch_pixel_size(p, pixel_size_angstrom)
     ctf = ctf_2d(
@@ -220,6 +221,19 @@ def ctf_from_params(
         device=device,
     )
     return ctf * p["scale"][..., None, None]
+
+
+_PARAM_KEYS = ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_deg", "voltage_kv",
+               "spherical_aberration_mm", "amplitude_contrast", "phase_shift_deg",
+               "bfactor_angstrom2", "scale")
+
+
+def _check_keys(params: Mapping[str, torch.Tensor], pixel_size_angstrom: float | None) -> None:
+    needed = _PARAM_KEYS + (() if pixel_size_angstrom is not None else ("pixel_size_angstrom",))
+    missing = [k for k in needed if k not in params]
+    if missing:
+        raise ValueError(f"params: missing {', '.join(missing)} (the keys of "
+                         f"ParticleTable.ctf_params)")
 
 
 def _batch_pixel_size(p: Mapping[str, torch.Tensor], pixel_size_angstrom: float | None) -> float:
@@ -272,6 +286,7 @@ def ctf_at_frequencies(
     torch.Tensor
         ``[B, *K]`` real.
     """
+    _check_keys(params, pixel_size_angstrom)
     p = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in params.items()}
     px = _batch_pixel_size(p, pixel_size_angstrom)
     if kx.shape != ky.shape:
