@@ -114,6 +114,13 @@ def test_bad_input_is_rejected() -> None:
     table = sampler.table(torch.zeros(2, 16, 9, dtype=torch.complex128))
     with pytest.raises(ValueError, match="weight"):
         sampler.sample(table, torch.ones(2, 3, dtype=torch.float64))
+    # the numba reads use precomputed flat offsets into [2N, N + 1] tables: other shapes are
+    # refused on both paths, never read out of bounds
+    for bad in (table[:, :-1], table[:, :, :-1], table.real):
+        with pytest.raises(ValueError, match="table"):
+            sampler.sample(bad)
+        with pytest.raises(ValueError, match="table"):
+            sampler.sample_real(bad)
 
 
 def test_thread_count_does_not_change_the_samples() -> None:

@@ -516,7 +516,7 @@ def _grid_offset(
     measured on 64-px ribosome images at SNR 0.1 with the true noise variance, +1.96 nats
     (sd 0.49 between images, 0.35 within one). Uncorrected, the grid's modes got e^2 times
     their mass against the polished ones: calibration 1.75, MMSE median error 3.65 deg,
-    against 1.10 and 3.13 deg with this correction and 1.03 / 3.16 with the whole grid
+    against 1.08 and 3.13 deg with this correction and 1.03 / 3.16 with the whole grid
     scored exactly (dense path, ~3x slower).
     """
     starts = grid.matrices.to(device=marginal.device)[candidates]  # [B, K, 3, 3]
