@@ -124,34 +124,59 @@ def ctf_2d(
     if not pixel_size_angstrom > 0:
         raise ValueError(f"pixel_size_angstrom: expected > 0, got {pixel_size_angstrom}")
     p = {k: _as_tensor(v, k, dtype, device) for k, v in params.items()}
+    ky, kx = frequency_grid_2d(
+        box, pixel_size_angstrom, rfft=rfft, centred=centred, dtype=torch.float64, device=device
+    )
+    return _ctf_values(p, kx, ky, dtype)
+
+
+def _ctf_values(
+    p: Mapping[str, torch.Tensor], kx: torch.Tensor, ky: torch.Tensor, dtype: torch.dtype,
+    squared: bool = False,
+) -> torch.Tensor:
+    """The CTF formula (module docstring), once for every caller: parameters ``p`` keyed as
+    :func:`ctf_2d`'s arguments (tensors broadcasting to a batch shape ``S``), frequencies
+    ``kx, ky`` ``[*K]`` in 1/Angstrom; returns ``[*S, *K]`` in ``dtype``.
+
+    ``chi`` is linear in ``(k^2, kx^2 - ky^2, 2 kx ky, k^4, 1)`` with per-particle coefficients
+    (``(U - V)/2 cos(2 (phi - alpha)) k^2 = (U - V)/2 [cos 2 alpha (kx^2 - ky^2) + sin 2 alpha
+    2 kx ky]``), computed in float64, so all particles' phases are one ``[S, 5] @ [5, K]``
+    product. ``squared``: ``CTF^2`` as ``(1 - cos 2 chi) / 2`` times the squared envelope.
+    """
     w = p["amplitude_contrast"]
     if ((w < 0) | (w >= 1)).any():
         raise ValueError("amplitude_contrast: expected values in [0, 1)")
     if (p["voltage_kv"] <= 0).any():
         raise ValueError("voltage_kv: expected > 0")
-
-    ky, kx = frequency_grid_2d(
-        box, pixel_size_angstrom, rfft=rfft, centred=centred, dtype=dtype, device=device
-    )
-    k2 = kx**2 + ky**2
-    phi = torch.atan2(ky, kx)
-
-    def col(t: torch.Tensor) -> torch.Tensor:  # broadcast a batch parameter over the grid
-        return t[..., None, None]
-
-    lam = electron_wavelength_angstrom(p["voltage_kv"])
-    u, v = p["defocus_u_angstrom"], p["defocus_v_angstrom"]
-    alpha = torch.deg2rad(p["defocus_angle_deg"])
-    defocus = -(col((u + v) / 2) + col((u - v) / 2) * torch.cos(2 * (phi - col(alpha))))
-    cs = p["cs_mm"] * 1e7
-    amp_phase = torch.atan(w / torch.sqrt(1 - w**2))
-    chi = (
-        math.pi * col(lam) * defocus * k2
-        + (math.pi / 2) * col(cs * lam**3) * k2**2
-        - col(torch.deg2rad(p["phase_shift_deg"]))
-        - col(amp_phase)
-    )
-    return -torch.sin(chi) * torch.exp(-col(p["bfactor"]) * k2 / 4)
+    q = dict(zip(p, torch.broadcast_tensors(*(v.double() for v in p.values())), strict=True))
+    grid_shape = kx.shape
+    fx = kx.to(device=w.device, dtype=torch.float64).reshape(-1)
+    fy = ky.to(device=w.device, dtype=torch.float64).reshape(-1)
+    k2 = fx * fx + fy * fy
+    features = torch.stack([k2, fx * fx - fy * fy, 2.0 * fx * fy, k2 * k2, torch.ones_like(k2)])
+    lam = electron_wavelength_angstrom(q["voltage_kv"])
+    mean = 0.5 * (q["defocus_u_angstrom"] + q["defocus_v_angstrom"])
+    half = 0.5 * (q["defocus_u_angstrom"] - q["defocus_v_angstrom"])
+    two_alpha = 2.0 * torch.deg2rad(q["defocus_angle_deg"])
+    wq = q["amplitude_contrast"]
+    coef = torch.stack([
+        -math.pi * lam * mean,
+        -math.pi * lam * half * torch.cos(two_alpha),
+        -math.pi * lam * half * torch.sin(two_alpha),
+        (math.pi / 2) * q["cs_mm"] * 1e7 * lam**3,
+        -torch.deg2rad(q["phase_shift_deg"]) - torch.atan(wq / torch.sqrt(1 - wq**2)),
+    ], dim=-1)  # [*S, 5]
+    chi = (coef.to(dtype) @ features.to(dtype))  # [*S, K]
+    bfactor = q["bfactor"][..., None]
+    if squared:
+        out = torch.cos_(chi.mul_(2.0)).sub_(1.0).mul_(-0.5)
+        if bool((bfactor != 0).any()):
+            out.mul_(torch.exp(-0.5 * bfactor * k2).to(dtype))
+    else:
+        out = torch.sin_(chi).neg_()
+        if bool((bfactor != 0).any()):
+            out.mul_(torch.exp(-0.25 * bfactor * k2).to(dtype))
+    return out.reshape(*coef.shape[:-1], *grid_shape)
 
 
 def apply_ctf(images: torch.Tensor, ctf_rfft_centred: torch.Tensor) -> torch.Tensor:
@@ -259,10 +284,9 @@ def ctf_at_frequencies(
 ) -> torch.Tensor:
     """RELION CTFs (or their squares) at off-grid frequencies, from per-particle parameters.
 
-    The same function as :func:`ctf_from_params` (module docstring), evaluated at any points:
-    ``chi`` is linear in ``(k^2, kx^2 - ky^2, 2 kx ky, k^4, 1)`` with per-particle
-    coefficients (``(U - V)/2 cos(2 (phi - alpha)) k^2 = (U - V)/2 [cos 2 alpha (kx^2 - ky^2) +
-    sin 2 alpha 2 kx ky]``), so all particles' phases are one ``[B, 5] @ [5, K]`` product.
+    The same function as :func:`ctf_from_params` (module docstring; one implementation,
+    ``_ctf_values``), evaluated at any points: all particles' phases are one ``[B, 5] @ [5,
+    K]`` product.
 
     Parameters
     ----------
@@ -292,42 +316,13 @@ def ctf_at_frequencies(
     if kx.shape != ky.shape:
         raise ValueError(f"kx, ky: expected equal shapes, got {tuple(kx.shape)} and "
                          f"{tuple(ky.shape)}")
-    u = p["defocus_u_angstrom"]
-    real = u.dtype
-    w = p["amplitude_contrast"]
-    if ((w < 0) | (w >= 1)).any():
-        raise ValueError("amplitude_contrast: expected values in [0, 1)")
-    if (p["voltage_kv"] <= 0).any():
-        raise ValueError("voltage_kv: expected > 0")
+    names = {"spherical_aberration_mm": "cs_mm", "bfactor_angstrom2": "bfactor"}
+    core = {names.get(k, k): p[k] for k in _PARAM_KEYS if k != "scale"}
     unit = 1.0 / (box * px)  # 1/Angstrom per Fourier pixel
-    fx = kx.to(device=u.device, dtype=torch.float64).reshape(-1) * unit
-    fy = ky.to(device=u.device, dtype=torch.float64).reshape(-1) * unit
-    k2 = fx * fx + fy * fy
-    features = torch.stack([k2, fx * fx - fy * fy, 2.0 * fx * fy, k2 * k2, torch.ones_like(k2)])
-    lam = electron_wavelength_angstrom(p["voltage_kv"].double())
-    mean = 0.5 * (u + p["defocus_v_angstrom"]).double()
-    half = 0.5 * (u - p["defocus_v_angstrom"]).double()
-    two_alpha = 2.0 * torch.deg2rad(p["defocus_angle_deg"].double())
-    coef = torch.stack([
-        -math.pi * lam * mean,
-        -math.pi * lam * half * torch.cos(two_alpha),
-        -math.pi * lam * half * torch.sin(two_alpha),
-        (math.pi / 2) * p["spherical_aberration_mm"].double() * 1e7 * lam**3,
-        -torch.deg2rad(p["phase_shift_deg"].double())
-        - torch.atan(w.double() / torch.sqrt(1 - w.double() ** 2)),
-    ], dim=-1)  # [B, 5]
-    chi = coef.to(real) @ features.to(real)  # [B, K]
-    bfactor, scale = p["bfactor_angstrom2"].to(real), p["scale"].to(real)
-    if squared:
-        out = torch.cos_(chi.mul_(2.0)).sub_(1.0).mul_(-0.5)
-        if bool((bfactor != 0).any()):
-            out.mul_(torch.exp(-0.5 * bfactor[:, None] * k2.to(real)))
-        if bool((scale != 1).any()):
-            out.mul_((scale * scale)[:, None])
-    else:
-        out = torch.sin_(chi).neg_()
-        if bool((bfactor != 0).any()):
-            out.mul_(torch.exp(-0.25 * bfactor[:, None] * k2.to(real)))
-        if bool((scale != 1).any()):
-            out.mul_(scale[:, None])
-    return out.reshape(*u.shape, *kx.shape)
+    real = p["defocus_u_angstrom"].dtype
+    out = _ctf_values(core, kx.double() * unit, ky.double() * unit, real, squared=squared)
+    scale = p["scale"].to(real)
+    if bool((scale != 1).any()):
+        out = out * (scale * scale if squared else scale).reshape(
+            *scale.shape, *([1] * kx.ndim))
+    return out
